@@ -1,0 +1,64 @@
+// Every op schema of the fused_resnet library, in one place.
+//
+// Implementations register themselves per dispatch key in csrc/cpu/*.cpp and
+// csrc/cuda/*_cuda.cpp; fake (meta) kernels and autograd are registered from
+// Python (fused_resnet/ops/*.py), as pytorch/extension-cpp does.
+//
+// Conventions shared by the BatchNorm ops:
+//  * z is (N, C, H, W) (any 2-D-or-more shape with channels in dim 1 works for
+//    the CPU path) in the contiguous or channels_last memory format; any other
+//    stride pattern is made contiguous first.
+//  * Statistics, scale/shift, invstd, dweight and dbias are fp32 (fp64 when z
+//    is fp64).
+//  * The ReLU mask packs one bit per element of z in z's *memory* order
+//    (bit i % 8 of byte i / 8); an empty mask means "no ReLU was applied".
+#include <Python.h>
+#include <torch/library.h>
+
+#include "fused_resnet.h"
+
+extern "C" {
+// A bare module: importing fused_resnet._C is what loads the op registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fused_resnet native ops (see torch.ops.fused_resnet)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_resnet, m) {
+  // y = relu(x + residual). The foundation op: the smallest real fusion.
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+
+  // Per-channel batch mean and *biased* variance of z, numerically stable
+  // (Welford / Chan merge), accumulated in fp32 (fp64 for fp64 z).
+  m.def("bn_stats(Tensor z) -> (Tensor mean, Tensor var)");
+
+  // From batch mean/biased var over `count` values per channel: the scale and
+  // shift that normalise z (scale = weight * invstd, shift = bias - mean *
+  // scale), invstd, and PyTorch's running-statistic update in place:
+  // running_var gets the unbiased variance; momentum=None means the cumulative
+  // average 1 / num_batches_tracked (after its increment).
+  m.def(
+      "bn_finalize(Tensor mean, Tensor var, int count, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float? momentum, float eps) -> (Tensor scale, Tensor shift, Tensor invstd)");
+
+  // y = [relu](z * scale[c] + shift[c] [+ residual]), cast to out_dtype
+  // (default: z's dtype), in z's memory format; mask = bit-packed (y > 0)
+  // when relu, else empty.
+  m.def(
+      "bn_apply(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
+      "ScalarType? out_dtype=None) -> (Tensor y, Tensor mask)");
+
+  // Fused backward of bn_apply after batch (batch_stats=True) or running
+  // (batch_stats=False) statistics. dy' = dy masked by the ReLU mask;
+  // dbias = sum dy', dweight = sum dy' * xhat, xhat = (z - mean) * invstd;
+  // dz = weight * invstd * (dy' - [batch_stats] (dbias + xhat * dweight) / M);
+  // dresidual = dy' when need_residual_grad, else an empty tensor.
+  // Two passes over memory, deterministic.
+  m.def(
+      "bn_backward(Tensor dy, Tensor z, Tensor mask, Tensor mean, Tensor invstd, Tensor? weight, "
+      "bool batch_stats, bool need_residual_grad) -> (Tensor dz, Tensor dresidual, Tensor dweight, "
+      "Tensor dbias)");
+}

@@ -1,0 +1,59 @@
+"""fused_resnet: ResNet residual blocks with conv + BatchNorm + residual add +
+ReLU fused into fewer kernels (Triton and C++/CUDA), as drop-in replacements
+for torchvision's ResNet family, giving eager PyTorch's numbers.
+
+    import fused_resnet
+    model = fused_resnet.resnet50()          # instead of torchvision.models.resnet50()
+    fused_resnet.convert(torchvision_model)  # or swap the blocks of an existing model
+    fused_resnet.set_backend("cpu")          # reference | cpu | cuda | cudnn | triton | auto
+
+Importing never fails because a backend is missing; `fused-resnet info`
+(or fused_resnet.availability()) says what can run here and why not.
+"""
+
+from ._backend import BACKENDS, BackendError, availability, available_backends, get_backend, set_backend
+from . import ops
+from .nn import (
+    MODEL_BUILDERS,
+    FusedBasicBlock,
+    FusedBottleneck,
+    ResNet,
+    convert,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "availability",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "ops",
+    "MODEL_BUILDERS",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "ResNet",
+    "convert",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]

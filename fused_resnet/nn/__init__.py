@@ -1,0 +1,39 @@
+"""Drop-in fused ResNet modules: the blocks, the torchvision-compatible
+builders and convert()."""
+
+from .blocks import FusedBasicBlock, FusedBottleneck, conv1x1, conv3x3
+from .convert import convert
+from .resnet import (
+    MODEL_BUILDERS,
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
+
+__all__ = [
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "conv1x1",
+    "conv3x3",
+    "convert",
+    "MODEL_BUILDERS",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]

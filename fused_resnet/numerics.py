@@ -1,0 +1,87 @@
+"""The numerics criterion (../DESIGN.md, after flash-attention's tests), in one
+table used by the tests, `fused-resnet verify` and the benchmarks.
+
+A fused result passes when its error against a high-precision reference
+(fp64 on CPU) is at most FACTOR x eager PyTorch's own error in the same dtype
+against that reference, plus a small absolute floor per dtype (scaled by the
+reference's magnitude), since eager can be exact by luck on some elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+OUTPUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+# Absolute floor, relative to max(1, max|reference|), per dtype of the computation.
+ABS_FLOOR: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    fused_err: float
+    eager_err: float
+    bound: float
+    mean_err: float
+
+    def __str__(self) -> str:
+        mark = "ok" if self.ok else "FAIL"
+        return (
+            f"{mark}: max err {self.fused_err:.3g} (mean {self.mean_err:.3g}), "
+            f"eager {self.eager_err:.3g}, bound {self.bound:.3g}"
+        )
+
+
+def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    d = (a.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)).abs()
+    if d.numel() == 0:
+        return 0.0
+    # NaN where the reference has NaN at the same place is agreement, not error.
+    both_nan = torch.isnan(a.detach().cpu().double()) & torch.isnan(ref.detach().cpu().double())
+    d = torch.where(both_nan, torch.zeros_like(d), d)
+    d = torch.nan_to_num(d, nan=float("inf"))
+    return float(d.max())
+
+
+def compare(
+    fused: torch.Tensor,
+    eager: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    kind: str = "output",
+) -> Verdict:
+    """Judge `fused` against `reference` relative to `eager`'s error.
+
+    kind: "output" (factor 2) or "grad" (factor 3). dtype: the precision the
+    computation ran in (default: eager's dtype)."""
+    if fused.shape != reference.shape:
+        raise ValueError(f"shape mismatch: fused {tuple(fused.shape)} vs reference {tuple(reference.shape)}")
+    factor = OUTPUT_FACTOR if kind == "output" else GRAD_FACTOR
+    dtype = dtype or eager.dtype
+    fe = max_abs_err(fused, reference)
+    ee = max_abs_err(eager, reference)
+    ref64 = reference.detach().to("cpu", torch.float64)
+    finite = ref64[torch.isfinite(ref64)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    bound = factor * ee + ABS_FLOOR.get(dtype, 1e-5) * scale
+    d = (fused.detach().cpu().double() - ref64).abs()
+    d = d[torch.isfinite(d)]
+    mean = float(d.mean()) if d.numel() else 0.0
+    return Verdict(ok=fe <= bound, fused_err=fe, eager_err=ee, bound=bound, mean_err=mean)
+
+
+def assert_close_to_reference(fused, eager, reference, dtype=None, kind="output", what="") -> Verdict:
+    """compare() that raises AssertionError with the figures on failure."""
+    v = compare(fused, eager, reference, dtype=dtype, kind=kind)
+    if not v.ok:
+        raise AssertionError(f"{what or kind} outside the numerics criterion: {v}")
+    return v

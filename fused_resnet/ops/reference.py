@@ -1,0 +1,243 @@
+"""Plain-PyTorch definitions of every fused op: the ground truth.
+
+Tests and benchmarks import these (never copies of them). Each function has
+the same signature and semantics as the op of the same name in
+torch.ops.fused_resnet (see csrc/fused_resnet.cpp for the schemas), so any
+backend can be checked against it, and `backend="reference"` runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "add_relu",
+    "bn_stats",
+    "bn_finalize",
+    "bn_apply",
+    "bn_backward",
+    "fold_bn",
+    "conv2d_bn_act",
+    "pack_mask",
+    "unpack_mask",
+    "memory_format_of",
+    "stat_dtype",
+]
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout the fused ops compute in: channels_last if t is laid out so
+    (and not also plainly contiguous), else contiguous. Matches
+    fused_resnet::compute_format in csrc/fused_resnet.h."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are fp32, fp64 for fp64 data."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_order(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t's elements as a flat tensor in the memory order of `fmt`."""
+    if fmt == torch.channels_last:
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def pack_mask(keep: torch.Tensor, fmt: torch.memory_format | None = None) -> torch.Tensor:
+    """Bit-pack a boolean tensor in the memory order of `fmt` (default: its
+    own): bit i % 8 of byte i // 8 is element i. Returns uint8 of ceil(n/8)."""
+    fmt = memory_format_of(keep) if fmt is None else fmt
+    flat = _memory_order(keep, fmt).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, like: torch.Tensor, fmt: torch.memory_format | None = None) -> torch.Tensor:
+    """Inverse of pack_mask: a bool tensor of like's shape."""
+    fmt = memory_format_of(like) if fmt is None else fmt
+    n = like.numel()
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = ((mask.view(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+    if fmt == torch.channels_last:
+        N, C, H, W = like.shape
+        return bits.view(N, H, W, C).permute(0, 3, 1, 2)
+    return bits.view(like.shape)
+
+
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """y = relu(x + residual)."""
+    return torch.relu(x + residual)
+
+
+def bn_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over all dims but 1."""
+    dims = [d for d in range(z.dim()) if d != 1]
+    var, mean = torch.var_mean(z.to(stat_dtype(z.dtype)), dim=dims, correction=0)
+    return mean, var
+
+
+def bn_finalize(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale, shift, invstd from batch statistics, plus PyTorch's running
+    statistic update in place (nn.BatchNorm2d.forward + F.batch_norm rules)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None and running_var is not None:
+        if momentum is None:  # cumulative moving average
+            factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
+        else:
+            factor = momentum
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        with torch.no_grad():
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return scale, shift, invstd
+
+
+def bn_apply(
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = [relu](z * scale + shift [+ residual]) and the packed ReLU mask.
+
+    Rounding follows eager: the BN output is rounded to z's dtype before the
+    residual add (as nn.BatchNorm2d then `out += identity` does)."""
+    fmt = memory_format_of(z)
+    acc = stat_dtype(z.dtype)
+    out = z.to(acc) * _per_channel(scale.to(acc), z.dim()) + _per_channel(shift.to(acc), z.dim())
+    out = out.to(z.dtype)
+    if residual is not None:
+        out = out + residual.to(out.dtype)
+    if relu:
+        out = torch.relu(out)
+    y = out.to(out_dtype or z.dtype).contiguous(memory_format=fmt)
+    mask = pack_mask(y > 0, fmt) if relu else torch.empty(0, dtype=torch.uint8, device=z.device)
+    return y, mask
+
+
+def bn_backward(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    batch_stats: bool,
+    need_residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of bn_apply: dz, dresidual (dy masked, or empty), dweight, dbias."""
+    acc = stat_dtype(z.dtype)
+    fmt = memory_format_of(z)
+    g = dy.to(acc)
+    if mask.numel() > 0:
+        g = g * unpack_mask(mask, z, fmt)
+    dims = [d for d in range(z.dim()) if d != 1]
+    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    dbias = g.sum(dim=dims)
+    dweight = (g * xhat).sum(dim=dims)
+    w = torch.ones_like(invstd, dtype=acc) if weight is None else weight.to(acc)
+    k = _per_channel(w * invstd.to(acc), z.dim())
+    if batch_stats:
+        m = z.numel() // z.shape[1]
+        dz = k * (g - (_per_channel(dbias, z.dim()) + xhat * _per_channel(dweight, z.dim())) / m)
+    else:
+        dz = k * g
+    dz = dz.to(z.dtype).contiguous(memory_format=fmt)
+    if need_residual_grad:
+        dres = g.to(dy.dtype).contiguous(memory_format=fmt)
+    else:
+        dres = torch.empty(0, dtype=dy.dtype, device=dy.device)
+    return dz, dres, dweight, dbias
+
+
+def fold_bn(
+    weight: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+    conv_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold eval-mode BN into the conv before it, in fp32 (fp64 for fp64):
+    W' = W * g / sqrt(var + eps), b' = beta + (b - mean) * g / sqrt(var + eps).
+    Returns (W', b') in the conv weight's dtype."""
+    acc = stat_dtype(weight.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(acc)
+    b = -running_mean.to(acc)
+    if conv_bias is not None:
+        b = b + conv_bias.to(acc)
+    bias = b * scale
+    if beta is not None:
+        bias = bias + beta.to(acc)
+    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), bias.to(weight.dtype)
+
+
+def conv2d_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    emit_stats: bool = False,
+):
+    """The Triton conv's contract: y = [relu](conv(x, w) * scale + shift [+ r]).
+
+    With emit_stats, also the per-channel sum and sum of squares (fp32) of the
+    raw conv output z = conv(x, w), the inputs of BatchNorm's batch statistics.
+    Returns (y, sum, sumsq) with empty sums when emit_stats is False."""
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    acc = stat_dtype(z.dtype)
+    out = z.to(acc)
+    if scale is not None:
+        out = out * _per_channel(scale.to(acc), 4)
+    if shift is not None:
+        out = out + _per_channel(shift.to(acc), 4)
+    if residual is not None:
+        out = out + residual.to(acc)
+    if relu:
+        out = torch.relu(out)
+    y = out.to(x.dtype)
+    if emit_stats:
+        zf = z.to(acc)
+        return y, zf.sum(dim=(0, 2, 3)), (zf * zf).sum(dim=(0, 2, 3))
+    empty = torch.empty(0, dtype=acc, device=x.device)
+    return y, empty, empty

@@ -1,0 +1,73 @@
+"""Backend selection: names, availability, errors, the env var, resolve()."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import _backend
+
+
+def test_reference_always_available_and_auto_default():
+    av = fused_resnet.availability()
+    assert av["reference"].available
+    assert set(fused_resnet.BACKENDS) <= set(av)
+    assert fused_resnet.get_backend() == "auto"
+
+
+def test_unknown_backend_lists_what_is_available():
+    with pytest.raises(fused_resnet.BackendError, match=r"unknown backend 'fast'.*available here: auto, reference"):
+        fused_resnet.set_backend("fast")
+    with pytest.raises(fused_resnet.BackendError, match="unknown backend"):
+        fused_resnet.resnet18(backend="nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_unavailable_backend_says_why():
+    with pytest.raises(fused_resnet.BackendError, match=r"backend 'cuda' is not available here: .*Available: auto"):
+        fused_resnet.set_backend("cuda")
+
+
+def test_set_backend_global_and_per_model(monkeypatch):
+    try:
+        fused_resnet.set_backend("reference")
+        assert fused_resnet.get_backend() == "reference"
+        m = fused_resnet.resnet18(num_classes=3)
+        assert m.layer1[0].resolved_backend(torch.zeros(1)) == "reference"
+        m.set_backend("auto")
+        assert m.layer1[0].backend == "auto"
+    finally:
+        _backend._global_backend = None
+    monkeypatch.setenv("FUSED_RESNET_BACKEND", "reference")
+    assert fused_resnet.get_backend() == "reference"
+    monkeypatch.setenv("FUSED_RESNET_BACKEND", "bogus")
+    with pytest.raises(fused_resnet.BackendError, match="bogus"):
+        fused_resnet.get_backend()
+
+
+def test_auto_on_cpu_prefers_cpu_kernels_and_triton_hands_cpu_tensors_over():
+    want = "cpu" if fused_resnet.availability()["cpu"].available else "reference"
+    assert _backend.resolve("auto", torch.device("cpu")) == want
+    if not _backend.triton_interpreter_on():
+        assert _backend.resolve("triton", torch.device("cpu")) == want
+
+
+def test_info_command_runs_and_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "fused_resnet", "info"], capture_output=True, text=True, check=True)
+    for name in ("reference", "cpu", "cuda", "triton", "triton-interpreter", "cudnn"):
+        assert name in out.stdout
+
+
+def test_import_survives_a_missing_extension():
+    code = (
+        "import sys; sys.modules['fused_resnet._C'] = None\n"
+        "import fused_resnet\n"
+        "av = fused_resnet.availability()\n"
+        "assert av['reference'].available and not av['cpu'].available, av\n"
+        "print(av['cpu'].reason)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "did not load" in out.stdout
