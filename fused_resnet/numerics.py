@@ -18,10 +18,10 @@ GRAD_FACTOR = 3.0
 
 # Absolute floor, relative to max(1, max|reference|), per dtype of the computation.
 ABS_FLOOR: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 5e-4,
+    torch.bfloat16: 4e-3,
 }
 
 

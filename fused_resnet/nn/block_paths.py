@@ -1,36 +1,218 @@
 """The fused forward paths of the blocks and the stem, per backend.
 
-Eval-mode blocks fold BN into the convolutions; training-mode blocks run
-conv -> batch statistics -> fused BN apply (+ residual) + ReLU. Everything
-here goes through fused_resnet.ops; nothing below this layer knows modules.
+A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
+
+- Eval-mode BN (running statistics): BN is folded into the conv (cached, see
+  fold.py) and the unit is one convolution with a bias [+ residual] [+ ReLU]
+  epilogue: oneDNN's fused post-ops on CPU (prepacked weights), cuDNN + our
+  add_relu kernel on `cuda`, the Triton conv's epilogue on `triton`.
+- Training-mode BN (batch statistics): z = conv(x) through aten (or the Triton
+  conv, which also emits the per-channel sums of z and z^2), then
+  ops.batch_norm_act: statistics, running-stat update, one fused pass for
+  BN + residual + ReLU saving a 1-bit mask, and a fused two-pass backward.
+
+Anything we cannot reproduce exactly (another norm layer, a non-zero padding
+mode, a block with extra modules) runs the block's reference forward.
+Everything here goes through fused_resnet.ops; nothing below knows modules.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import fold as _fold
 
 
-def _conv_bn_relu(conv: nn.Module, bn: nn.Module, x: torch.Tensor, relu: bool) -> torch.Tensor:
-    out = bn(conv(x))
-    return torch.relu(out) if relu else out
+def _is_frozen_bn(bn: nn.Module) -> bool:
+    # torchvision.ops.FrozenBatchNorm2d: buffers only, always running stats.
+    return type(bn).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(bn, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")
+    )
+
+
+def _is_batchnorm(bn: nn.Module) -> bool:
+    # nn.BatchNorm2d itself or a subclass that keeps its forward (not SyncBatchNorm).
+    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward
+
+
+def _is_plain_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and type(conv).forward is nn.Conv2d.forward
+
+
+def unit_supported(conv: nn.Module, bn: nn.Module) -> bool:
+    return _is_plain_conv(conv) and (_is_batchnorm(bn) or _is_frozen_bn(bn))
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    """nn.BatchNorm2d.forward's rule: batch statistics in training, and in
+    eval too when it tracks no running statistics."""
+    if _is_frozen_bn(bn):
+        return False
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
+    """oneDNN's fused conv post-ops (private aten ops, no autograd): CPU,
+    fp32, no gradient wanted, not under autocast or torch.compile."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and not _fold.needs_grad(conv, bn)
+        and not x.requires_grad
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and x.dim() == 4
+        and x.shape[0] > 0
+    )
+
+
+def _mkldnn_unit(conv, bn, x, residual, relu):
+    def pack():
+        w, b = _fold.fold(conv, bn)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
+        )
+        return packed, b
+
+    w, b = _fold.cached(conv, bn, "mkldnn", pack, extra=(tuple(x.shape),))
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, "relu" if relu else "none", [None], "")
+    other = residual.contiguous(memory_format=_suggest_format(x))
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, other, w, b, *args, "add", None, "relu" if relu else None, [None], ""
+    )
+
+
+def _suggest_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if ops.reference.memory_format_of(x) == torch.channels_last else torch.contiguous_format
+
+
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, relu: bool, backend: str) -> torch.Tensor:
+    if residual is not None:
+        if relu:
+            return ops.add_relu(y, residual.to(y.dtype), backend=backend)
+        return y + residual
+    return torch.relu(y) if relu else y
+
+
+def _eval_unit(conv, bn, x, residual, relu, backend):
+    if backend == "cpu" and _mkldnn_usable(x, conv, bn):
+        return _mkldnn_unit(conv, bn, x, residual, relu)
+    w, b = _fold.cached(conv, bn, "fold", lambda: _fold.fold(conv, bn))
+    if backend == "triton" and hasattr(ops, "conv2d_bn_act"):
+        y, _, _ = ops.conv2d_bn_act(
+            x, w, None, b, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups, False,
+            backend=backend,
+        )
+        return y
+    return _epilogue(_conv(conv, x, w, b), residual, relu, backend)
+
+
+# -------------------------------------------------------------------------- train
+
+
+def _momentum_for(bn: nn.BatchNorm2d) -> float | None:
+    """The momentum the op receives; None = cumulative average, which the op
+    computes from num_batches_tracked after incrementing it (on device)."""
+    return bn.momentum
+
+
+def _train_unit(conv, bn, x, residual, relu, backend):
+    track = bn.training and bn.track_running_stats
+    batch_mean = batch_var = None
+    if backend == "triton" and hasattr(ops, "conv2d_bn_act") and x.shape[0] > 0:
+        z, s, ss = ops.conv2d_bn_act(
+            x, conv.weight, None, conv.bias, None, False, conv.stride, conv.padding, conv.dilation, conv.groups,
+            True, backend=backend,
+        )
+        count = z.numel() // z.shape[1]
+        batch_mean = s / count
+        # sum/sumsq come from the conv epilogue; fp64 for the subtraction.
+        batch_var = (ss.double() / count - batch_mean.double() ** 2).clamp_min(0).to(s.dtype)
+    else:
+        z = _conv(conv, x, conv.weight, conv.bias)
+    return ops.batch_norm_act(
+        z,
+        bn.weight,
+        bn.bias,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.num_batches_tracked if track else None,
+        training=True,
+        momentum=_momentum_for(bn),
+        eps=bn.eps,
+        residual=residual,
+        relu=relu,
+        batch_mean=batch_mean,
+        batch_var=batch_var,
+        backend=backend,
+    )
+
+
+# -------------------------------------------------------------------------- units
+
+
+def unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, relu: bool,
+         backend: str) -> torch.Tensor:
+    """relu?(bn(conv(x)) [+ residual]) with eager's semantics, fused."""
+    if _uses_batch_stats(bn):
+        return _train_unit(conv, bn, x, residual, relu, backend)
+    return _eval_unit(conv, bn, x, residual, relu, backend)
+
+
+def _downsample_supported(ds: nn.Module | None) -> bool:
+    return ds is None or (
+        isinstance(ds, nn.Sequential) and len(ds) == 2 and unit_supported(ds[0], ds[1])
+    )
+
+
+def block_supported(block: nn.Module) -> bool:
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):
+        pairs.append((block.conv3, block.bn3))
+    return (
+        all(unit_supported(c, b) for c, b in pairs)
+        and _downsample_supported(block.downsample)
+        and isinstance(block.relu, nn.ReLU)
+    )
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    ds = block.downsample
+    if ds is None:
+        return x
+    return unit(ds[0], ds[1], x, None, False, backend)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """Forward of a FusedBasicBlock / FusedBottleneck on `backend`."""
-    identity = block.downsample(x) if block.downsample is not None else x
+    if not block_supported(block):
+        return block.reference_forward(x)
+    out = unit(block.conv1, block.bn1, x, None, True, backend)
     if hasattr(block, "conv3"):
-        out = _conv_bn_relu(block.conv1, block.bn1, x, True)
-        out = _conv_bn_relu(block.conv2, block.bn2, out, True)
-        out = _conv_bn_relu(block.conv3, block.bn3, out, False)
-    else:
-        out = _conv_bn_relu(block.conv1, block.bn1, x, True)
-        out = _conv_bn_relu(block.conv2, block.bn2, out, False)
-    return ops.add_relu(out, identity, backend=backend)
+        out = unit(block.conv2, block.bn2, out, None, True, backend)
+        identity = _shortcut(block, x, backend)
+        return unit(block.conv3, block.bn3, out, identity, True, backend)
+    identity = _shortcut(block, x, backend)
+    return unit(block.conv2, block.bn2, out, identity, True, backend)
 
 
 def stem_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """conv1 -> bn1 -> relu of a ResNet on `backend`."""
-    return _conv_bn_relu(model.conv1, model.bn1, x, True)
+    if not (unit_supported(model.conv1, model.bn1) and isinstance(model.relu, nn.ReLU)):
+        return model.relu(model.bn1(model.conv1(x)))
+    return unit(model.conv1, model.bn1, x, None, True, backend)

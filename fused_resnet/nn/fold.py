@@ -1,0 +1,97 @@
+"""BatchNorm folded into the conv before it, for eval-mode units, cached.
+
+The cache lives on the BN module as a plain attribute (not a buffer, so the
+state_dict is untouched) and is keyed on the identity (data pointer) and
+version counter of every tensor the fold reads, so load_state_dict, optimizer
+steps and in-place edits under torch.no_grad() all invalidate it: a train
+step followed by eval never sees a stale fold. (Edits through `.data` bypass
+PyTorch's version counters, as they bypass autograd's checks too.)
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from ..ops import reference
+
+_CACHE_ATTR = "_fused_resnet_fold_cache"
+_MAX_ENTRIES = 4
+_lock = threading.Lock()
+
+
+class _Cache(dict):
+    """A fold cache that copies and pickles as empty: a deep-copied or
+    unpickled module has new tensors (and oneDNN's packed weights cannot be
+    copied at all), so it folds afresh."""
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+
+def bn_eval_tensors(bn: nn.Module):
+    """(running_mean, running_var, weight, bias, eps) of an eval-mode BN
+    (nn.BatchNorm2d or torchvision's FrozenBatchNorm2d)."""
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+
+
+def _key(tensors, extra) -> tuple:
+    parts = []
+    for t in tensors:
+        parts.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
+    return tuple(parts) + tuple(extra)
+
+
+def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype | None = None):
+    """(weight', bias') of conv followed by eval BN, computed in fp32 (fp64
+    for fp64) and returned in `dtype` (default: the conv weight's)."""
+    rm, rv, g, b, eps = bn_eval_tensors(bn)
+    w, bias = reference.fold_bn(conv.weight, rm, rv, g, b, eps, conv.bias)
+    dtype = dtype or conv.weight.dtype
+    return w.to(dtype), bias.to(dtype)
+
+
+def needs_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in (conv.weight, conv.bias, bn.weight, bn.bias))
+
+
+def cached(conv: nn.Conv2d, bn: nn.Module, kind: str, make, extra=()):
+    """Return make() cached under (kind, extra, versions of every input).
+
+    Not cached while autograd must see the fold (frozen BN being trained
+    through) or while torch.compile traces (it folds constants itself)."""
+    if needs_grad(conv, bn) or torch.compiler.is_compiling():
+        return make()
+    rm, rv, g, b, _ = bn_eval_tensors(bn)
+    key = (kind,) + _key((conv.weight, conv.bias, rm, rv, g, b), extra) + (float(bn.eps),)
+    cache = bn.__dict__.get(_CACHE_ATTR)
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    value = make()
+    with _lock:
+        cache = _Cache(bn.__dict__.get(_CACHE_ATTR) or {})
+        # Drop entries of older versions of the same tensors, keep a few
+        # shapes/dtypes side by side.
+        stale = [k for k in cache if k[0] == kind and k[1:7] != key[1:7]]
+        for k in stale:
+            del cache[k]
+        while len(cache) >= _MAX_ENTRIES:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+        bn.__dict__[_CACHE_ATTR] = cache
+    return value
+
+
+def clear(model: nn.Module) -> None:
+    """Drop every cached fold in model."""
+    for m in model.modules():
+        m.__dict__.pop(_CACHE_ATTR, None)
