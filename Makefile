@@ -6,7 +6,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.fused_resnet-installed
 # The dependencies pip installs before building the extension against them.
-BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy
+BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy nvidia-cudnn-frontend
 
 .PHONY: bench test build setup info verify gpu-check clean
 
@@ -40,7 +40,7 @@ build: setup
 # For the GPU machine (torch preinstalled, no package registry): see
 # benchmarks/README.md for the steps one by one.
 gpu-check:
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	FUSED_RESNET_NO_EXT=1 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m fused_resnet.gpu_check
 
 clean:

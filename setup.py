@@ -104,6 +104,18 @@ def _extensions():
     # -isystem, not -I: searched after the toolkit's own include/, so the
     # toolkit's cuda_runtime.h (with its crt/) wins over the pip copy.
     system_includes = [flag for d in includes for flag in ("-isystem", d)]
+    # The cudnn backend (csrc/cudnn/) only where the cuDNN frontend's headers
+    # are found (pip's nvidia-cudnn-frontend puts them in site-packages/include).
+    fe_dirs = [os.environ.get("CUDNN_FRONTEND_INCLUDE", "")]
+    fe_dirs += [os.path.join(r, "include") for r in site.getsitepackages() + list(sys.path) if r]
+    fe_dirs = [d for d in fe_dirs if d and os.path.exists(os.path.join(d, "cudnn_frontend.h"))]
+    if fe_dirs:
+        sources += rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cudnn", "*.cpp"))))
+        cxx = cxx + ["-isystem", fe_dirs[0]]
+        print(f"fused_resnet: building the cudnn backend against {fe_dirs[0]}")
+    else:
+        print("fused_resnet: not building the cudnn backend (cudnn_frontend.h not found: "
+              "pip install nvidia-cudnn-frontend, or set CUDNN_FRONTEND_INCLUDE)")
     print(f"fused_resnet: building CPU + CUDA for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ce.CUDAExtension(
         "fused_resnet._C", sources,

@@ -61,4 +61,34 @@ TORCH_LIBRARY(fused_resnet, m) {
       "bn_backward(Tensor dy, Tensor z, Tensor mask, Tensor mean, Tensor invstd, Tensor? weight, "
       "bool batch_stats, bool need_residual_grad) -> (Tensor dz, Tensor dresidual, Tensor dweight, "
       "Tensor dbias)");
+
+  // ---- cudnn backend (csrc/cudnn/; kernels exist only when the cuDNN frontend
+  // headers were found at build time). Conv operands are N, C, H, W in any
+  // layout; outputs are channels_last; per-channel vectors are (C,) in fp32 or
+  // x's dtype. A graph cuDNN refuses runs as aten conv + fp32 epilogue and is
+  // listed by cudnn_fallbacks().
+  // y = [relu](conv(x, weight) [+ bias[c]] [+ residual]) in one cuDNN graph.
+  m.def(
+      "cudnn_conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // z = conv([relu](x * in_scale[c] + in_shift[c]), weight) (plain x without
+  // in_scale/in_shift) and the fp32 per-channel sum and sum of squares of z.
+  m.def(
+      "cudnn_conv_genstats(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor z, Tensor sum, Tensor sumsq)");
+  // Convolution data and weight gradients as cuDNN graphs.
+  m.def(
+      "cudnn_conv_dgrad(Tensor dy, Tensor weight, int[] x_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups) -> Tensor");
+  m.def(
+      "cudnn_conv_wgrad(Tensor dy, Tensor x, int[] weight_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups) -> Tensor");
+  // The graph cache: its key for given operands and parameters, [entries,
+  // hits, builds, refusals], "key<TAB>reason" per refused graph, a reset, and a
+  // multi-threaded self-test of the build-once logic (runs without a GPU).
+  m.def("cudnn_graph_key(str variant, Tensor?[] tensors, int[] params) -> str");
+  m.def("cudnn_cache_stats() -> int[]");
+  m.def("cudnn_fallbacks() -> str[]");
+  m.def("cudnn_cache_clear() -> ()");
+  m.def("cudnn_cache_selftest(int threads, int keys, int rounds) -> int[]");
 }

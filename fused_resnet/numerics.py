@@ -32,12 +32,14 @@ class Verdict:
     eager_err: float
     bound: float
     mean_err: float
+    outlier_channels: int = 0
 
     def __str__(self) -> str:
         mark = "ok" if self.ok else "FAIL"
+        extra = f", {self.outlier_channels} channel(s) over the bound" if self.outlier_channels else ""
         return (
             f"{mark}: max err {self.fused_err:.3g} (mean {self.mean_err:.3g}), "
-            f"eager {self.eager_err:.3g}, bound {self.bound:.3g}"
+            f"eager {self.eager_err:.3g}, bound {self.bound:.3g}{extra}"
         )
 
 
@@ -58,11 +60,19 @@ def compare(
     reference: torch.Tensor,
     dtype: torch.dtype | None = None,
     kind: str = "output",
+    outlier_channels: int = 0,
 ) -> Verdict:
     """Judge `fused` against `reference` relative to `eager`'s error.
 
     kind: "output" (factor 2) or "grad" (factor 3). dtype: the precision the
-    computation ran in (default: eager's dtype)."""
+    computation ran in (default: eager's dtype).
+
+    outlier_channels: how many slices along dim 0 (output channels) may
+    exceed the bound. Only for gradients of whole networks: where a
+    pre-activation lies within rounding error of zero, two correct
+    implementations take different sides of a ReLU, and the gradient of that
+    one channel differs by O(1). Op-level tests use 0; the fp64 network test
+    (where such ties do not occur) uses 0 too."""
     if fused.shape != reference.shape:
         raise ValueError(f"shape mismatch: fused {tuple(fused.shape)} vs reference {tuple(reference.shape)}")
     factor = OUTPUT_FACTOR if kind == "output" else GRAD_FACTOR
@@ -74,14 +84,49 @@ def compare(
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     bound = factor * ee + ABS_FLOOR.get(dtype, 1e-5) * scale
     d = (fused.detach().cpu().double() - ref64).abs()
+    outliers = 0
+    if fe > bound and outlier_channels > 0 and d.dim() >= 1 and d.shape[0] > 1:
+        per_channel = torch.nan_to_num(d.reshape(d.shape[0], -1), nan=float("inf")).amax(dim=1)
+        outliers = int((per_channel > bound).sum())
+        ok = outliers <= outlier_channels
+    else:
+        ok = fe <= bound
     d = d[torch.isfinite(d)]
     mean = float(d.mean()) if d.numel() else 0.0
-    return Verdict(ok=fe <= bound, fused_err=fe, eager_err=ee, bound=bound, mean_err=mean)
+    return Verdict(ok=ok, fused_err=fe, eager_err=ee, bound=bound, mean_err=mean, outlier_channels=outliers)
 
 
-def assert_close_to_reference(fused, eager, reference, dtype=None, kind="output", what="") -> Verdict:
+def assert_close_to_reference(fused, eager, reference, dtype=None, kind="output", what="",
+                              outlier_channels: int = 0) -> Verdict:
     """compare() that raises AssertionError with the figures on failure."""
-    v = compare(fused, eager, reference, dtype=dtype, kind=kind)
+    v = compare(fused, eager, reference, dtype=dtype, kind=kind, outlier_channels=outlier_channels)
     if not v.ok:
         raise AssertionError(f"{what or kind} outside the numerics criterion: {v}")
     return v
+
+
+def _normwise(tensors, refs) -> float:
+    num = 0.0
+    den = 0.0
+    for t, r in zip(tensors, refs):
+        r64 = r.detach().to("cpu", torch.float64)
+        num += float((t.detach().to("cpu", torch.float64) - r64).square().sum())
+        den += float(r64.square().sum())
+    return (num ** 0.5) / max(den ** 0.5, 1e-300)
+
+
+def compare_normwise(fused, eager, reference, dtype: torch.dtype = torch.float32, kind: str = "grad") -> Verdict:
+    """The criterion on the normwise relative error of a whole set of tensors
+    (for example every parameter gradient of a network), ||f - r|| / ||r||.
+
+    Network-level gradients pass through hundreds of ReLU kinks; where a
+    pre-activation ties with zero within rounding, two correct
+    implementations take different sides and one channel's gradient moves
+    by O(1), so an elementwise max is a lottery there. Normwise, such ties
+    weigh as much for eager as for us. Element-exact checks of the same
+    gradients run in fp64 and per block."""
+    factor = OUTPUT_FACTOR if kind == "output" else GRAD_FACTOR
+    fe = _normwise(fused, reference)
+    ee = _normwise(eager, reference)
+    bound = factor * ee + ABS_FLOOR.get(dtype, 1e-5)
+    return Verdict(ok=fe <= bound, fused_err=fe, eager_err=ee, bound=bound, mean_err=fe)

@@ -140,9 +140,11 @@ def _train_unit(conv, bn, x, residual, relu, backend):
             True, backend=backend,
         )
         count = z.numel() // z.shape[1]
-        batch_mean = s / count
-        # sum/sumsq come from the conv epilogue; fp64 for the subtraction.
-        batch_var = (ss.double() / count - batch_mean.double() ** 2).clamp_min(0).to(s.dtype)
+        # The epilogue sums the raw conv output, before the shift (conv bias).
+        raw_mean = s.double() / count
+        batch_var = (ss.double() / count - raw_mean**2).clamp_min(0).to(s.dtype)
+        batch_mean = raw_mean if conv.bias is None else raw_mean + conv.bias.detach().double()
+        batch_mean = batch_mean.to(s.dtype)
     else:
         z = _conv(conv, x, conv.weight, conv.bias)
     return ops.batch_norm_act(

@@ -81,7 +81,8 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
 
     The new blocks hold the same conv/BN modules (so parameters, buffers,
     state_dict keys, device, dtype and memory format are unchanged). A
-    torchvision ResNet also gets its stem fused. Blocks of other libraries
+    torchvision ResNet also gets its stem fused. A bare block is the one
+    exception to "in place": its fused twin (sharing parameters) is returned. Blocks of other libraries
     are left as they are, with a warning listing them.
 
     Args:
@@ -111,6 +112,12 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     if isinstance(model, (FusedBasicBlock, FusedBottleneck)):
         model.backend = backend
         return model
+    # A bare block cannot be swapped in place: return its fused twin, which
+    # shares every parameter and buffer with it.
+    if _is_torchvision_block(model, "BasicBlock", _BASIC_ATTRS):
+        return _swap_block(model, FusedBasicBlock, backend)
+    if _is_torchvision_block(model, "Bottleneck", _BOTTLENECK_ATTRS):
+        return _swap_block(model, FusedBottleneck, backend)
     from .resnet import ResNet
 
     visit(model, "")

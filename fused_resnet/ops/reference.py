@@ -81,10 +81,14 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 
 def bn_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over all dims but 1."""
+    """Per-channel mean and biased variance over all dims but 1.
+
+    The mean is a plain mean (not var_mean's Welford one), so a channel
+    holding +Inf has mean +Inf, as eager BatchNorm's saved mean does."""
     dims = [d for d in range(z.dim()) if d != 1]
-    var, mean = torch.var_mean(z.to(stat_dtype(z.dtype)), dim=dims, correction=0)
-    return mean, var
+    zs = z.to(stat_dtype(z.dtype))
+    var, _ = torch.var_mean(zs, dim=dims, correction=0)
+    return zs.mean(dim=dims), var
 
 
 def bn_finalize(
@@ -160,7 +164,8 @@ def bn_backward(
     fmt = memory_format_of(z)
     g = dy.to(acc)
     if mask.numel() > 0:
-        g = g * unpack_mask(mask, z, fmt)
+        # A select, as eager's threshold_backward: NaN at a masked position -> 0.
+        g = torch.where(unpack_mask(mask, z, fmt), g, torch.zeros((), dtype=g.dtype, device=g.device))
     dims = [d for d in range(z.dim()) if d != 1]
     xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
     dbias = g.sum(dim=dims)

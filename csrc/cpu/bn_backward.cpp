@@ -1,0 +1,354 @@
+// CPU fused_resnet::bn_backward: the backward of bn_apply (+ BatchNorm's
+// batch statistics when batch_stats), in two passes over memory:
+//  1. a reduction: per channel sum(g) and sum(g * (z - mean)), g = dy masked
+//     by the ReLU bits (the mask is read, y and xhat never exist);
+//  2. elementwise: dz = A*g + B*(z - mean) + D with per-channel A, B, D, and
+//     dresidual = g.
+// Deviations from the mean (not z * invstd - mean * invstd) keep a large mean
+// with a small spread exact, as eager's kernel does. Partials follow a fixed
+// shape-only partition and are summed in order: deterministic.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "bn_common.h"
+
+namespace fused_resnet {
+namespace bn {
+namespace {
+
+template <typename V>
+inline typename V::value_type hsum(const V& v) {
+  alignas(64) typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type s = 0;
+  for (int64_t j = 0; j < V::size(); ++j) s += buf[j];
+  return s;
+}
+
+template <typename grad_t, typename acc_t>
+inline acc_t masked1(const grad_t* dy, const uint8_t* mask, int64_t i_abs, int64_t j) {
+  if (mask != nullptr && !((mask[(i_abs + j) >> 3] >> ((i_abs + j) & 7)) & 1)) return acc_t(0);
+  return static_cast<acc_t>(dy[j]);
+}
+
+// g for the kBlock elements at absolute index i_abs (dy already offset).
+template <typename grad_t, bool kMask>
+inline void load_g(const grad_t* dy, const uint8_t* mask, int64_t nbytes, int64_t i_abs,
+                   const LaneMask<at::opmath_type<grad_t>>& lm, Vectorized<at::opmath_type<grad_t>>& ga,
+                   Vectorized<at::opmath_type<grad_t>>& gb) {
+  using IO = Io<grad_t>;
+  using V = typename IO::V;
+  IO::load(dy, ga, gb);
+  if constexpr (kMask) {
+    const uint64_t bits = read_bits(mask, nbytes, i_abs, static_cast<int>(IO::kBlock));
+    const V zero(0);
+    ga = V::blendv(zero, ga, lm.expand(bits & ((uint64_t(1) << IO::kV) - 1)));
+    gb = V::blendv(zero, gb, lm.expand(bits >> IO::kV));
+  }
+}
+
+// Pass 1 over a run of n elements starting at absolute index i_abs.
+// kBcast: one channel (planes), results added to sg[0], sx[0]; otherwise the
+// run covers consecutive channels and sg[j], sx[j] accumulate per element.
+template <typename scalar_t, typename grad_t, bool kMask, bool kBcast>
+inline void reduce_run(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_t nbytes, int64_t i_abs,
+                       int64_t n, const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* sg,
+                       at::opmath_type<scalar_t>* sx, const LaneMask<at::opmath_type<scalar_t>>& lm) {
+  using IO = Io<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  static_assert(Io<grad_t>::kBlock == IO::kBlock, "dy and z blocks must match");
+  int64_t j = 0;
+  V g0(0), g1(0), x0(0), x1(0);
+  const V mv(mean[0]);
+  for (; j + IO::kBlock <= n; j += IO::kBlock) {
+    V ga, gb, a, b;
+    load_g<grad_t, kMask>(dy + j, mask, nbytes, i_abs + j, lm, ga, gb);
+    IO::load(z + j, a, b);
+    if constexpr (kBcast) {
+      g0 += ga;
+      g1 += gb;
+      x0 = at::vec::fmadd(ga, a - mv, x0);
+      x1 = at::vec::fmadd(gb, b - mv, x1);
+    } else {
+      (V::loadu(sg + j) + ga).store(sg + j);
+      (V::loadu(sg + j + IO::kV) + gb).store(sg + j + IO::kV);
+      at::vec::fmadd(ga, a - V::loadu(mean + j), V::loadu(sx + j)).store(sx + j);
+      at::vec::fmadd(gb, b - V::loadu(mean + j + IO::kV), V::loadu(sx + j + IO::kV)).store(sx + j + IO::kV);
+    }
+  }
+  acc_t tg = 0, tx = 0;
+  for (; j < n; ++j) {
+    const acc_t g = masked1<grad_t, acc_t>(dy, kMask ? mask : nullptr, i_abs, j);
+    const acc_t d = static_cast<acc_t>(z[j]) - (kBcast ? mean[0] : mean[j]);
+    if constexpr (kBcast) {
+      tg += g;
+      tx += g * d;
+    } else {
+      sg[j] += g;
+      sx[j] += g * d;
+    }
+  }
+  if constexpr (kBcast) {
+    sg[0] += hsum(g0 + g1) + tg;
+    sx[0] += hsum(x0 + x1) + tx;
+  }
+}
+
+// Pass 2 over a run: dz = A*g + B*(z - mean) + D; dres = g.
+template <typename scalar_t, typename grad_t, bool kMask, bool kBcast, bool kStats, bool kRes>
+inline void grad_run(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_t nbytes, int64_t i_abs,
+                     int64_t n, const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
+                     const at::opmath_type<scalar_t>* D, const at::opmath_type<scalar_t>* mean, scalar_t* dz,
+                     grad_t* dres, const LaneMask<at::opmath_type<scalar_t>>& lm) {
+  using IO = Io<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  int64_t j = 0;
+  const V av(A[0]), bv(B[0]), dv(D[0]), mv(mean[0]);
+  for (; j + IO::kBlock <= n; j += IO::kBlock) {
+    V ga, gb;
+    load_g<grad_t, kMask>(dy + j, mask, nbytes, i_abs + j, lm, ga, gb);
+    if constexpr (kRes) Io<grad_t>::store(dres + j, ga, gb);
+    V oa, ob;
+    if constexpr (kBcast) {
+      oa = ga * av;
+      ob = gb * av;
+    } else {
+      oa = ga * V::loadu(A + j);
+      ob = gb * V::loadu(A + j + IO::kV);
+    }
+    if constexpr (kStats) {
+      V a, b;
+      IO::load(z + j, a, b);
+      if constexpr (kBcast) {
+        oa = at::vec::fmadd(a - mv, bv, oa + dv);
+        ob = at::vec::fmadd(b - mv, bv, ob + dv);
+      } else {
+        oa = at::vec::fmadd(a - V::loadu(mean + j), V::loadu(B + j), oa + V::loadu(D + j));
+        ob = at::vec::fmadd(b - V::loadu(mean + j + IO::kV), V::loadu(B + j + IO::kV), ob + V::loadu(D + j + IO::kV));
+      }
+    }
+    IO::store(dz + j, oa, ob);
+  }
+  for (; j < n; ++j) {
+    const int64_t c = kBcast ? 0 : j;
+    const acc_t g = masked1<grad_t, acc_t>(dy, kMask ? mask : nullptr, i_abs, j);
+    if constexpr (kRes) dres[j] = static_cast<grad_t>(g);
+    acc_t o = g * A[c];
+    if constexpr (kStats) o = (static_cast<acc_t>(z[j]) - mean[c]) * B[c] + (o + D[c]);
+    dz[j] = static_cast<scalar_t>(o);
+  }
+}
+
+template <typename scalar_t, typename grad_t, bool kMask>
+void reduce_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_t nbytes, const Layout& l,
+                const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* sg_out,
+                at::opmath_type<scalar_t>* sx_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneMask<acc_t> lm;
+  if (l.rows) {
+    const int64_t C = l.C, R = l.N * l.S;
+    const int64_t rb = rows_per_block(C);
+    const int64_t nblk = (R + rb - 1) / rb;
+    std::vector<acc_t> pg(nblk * C, acc_t(0)), px(nblk * C, acc_t(0));
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        for (int64_t r = k * rb; r < std::min(R, (k + 1) * rb); ++r) {
+          const int64_t i = r * C;
+          reduce_run<scalar_t, grad_t, kMask, false>(dy + i, z + i, mask, nbytes, i, C, mean, pg.data() + k * C,
+                                                     px.data() + k * C, lm);
+        }
+      }
+    });
+    at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        acc_t g = 0, x = 0;
+        for (int64_t k = 0; k < nblk; ++k) {
+          g += pg[k * C + c];
+          x += px[k * C + c];
+        }
+        sg_out[c] = g;
+        sx_out[c] = x;
+      }
+    });
+  } else {
+    const int64_t nseg = (l.S + kPlaneSeg - 1) / kPlaneSeg;
+    const int64_t tasks = l.N * l.C * nseg;
+    std::vector<acc_t> pg(tasks, acc_t(0)), px(tasks, acc_t(0));
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::min(l.S, kPlaneSeg));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / nseg, seg = t % nseg;
+        const int64_t c = plane % l.C;
+        const int64_t i = plane * l.S + seg * kPlaneSeg;
+        const int64_t len = std::min(kPlaneSeg, l.S - seg * kPlaneSeg);
+        reduce_run<scalar_t, grad_t, kMask, true>(dy + i, z + i, mask, nbytes, i, len, mean + c, &pg[t], &px[t], lm);
+      }
+    });
+    at::parallel_for(0, l.C, 16, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        acc_t g = 0, x = 0;
+        for (int64_t nn = 0; nn < l.N; ++nn) {
+          for (int64_t s = 0; s < nseg; ++s) {
+            g += pg[(nn * l.C + c) * nseg + s];
+            x += px[(nn * l.C + c) * nseg + s];
+          }
+        }
+        sg_out[c] = g;
+        sx_out[c] = x;
+      }
+    });
+  }
+}
+
+template <typename scalar_t, typename grad_t, bool kMask, bool kStats, bool kRes>
+void grad_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_t nbytes, const Layout& l,
+              const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
+              const at::opmath_type<scalar_t>* D, const at::opmath_type<scalar_t>* mean, scalar_t* dz, grad_t* dres) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LaneMask<acc_t> lm;
+  const int64_t n = l.numel();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) {
+      const int64_t e = std::min(n, (k + 1) * kChunk);
+      int64_t i = k * kChunk;
+      while (i < e) {
+        int64_t c, stop;
+        if (l.rows) {
+          c = i % l.C;
+          stop = std::min(e, i + (l.C - c));
+        } else {
+          const int64_t plane = i / l.S;
+          c = plane % l.C;
+          stop = std::min(e, (plane + 1) * l.S);
+        }
+        grad_t* dr = kRes ? dres + i : nullptr;
+        if (l.rows) {
+          grad_run<scalar_t, grad_t, kMask, false, kStats, kRes>(dy + i, z + i, mask, nbytes, i, stop - i, A + c,
+                                                                 B + c, D + c, mean + c, dz + i, dr, lm);
+        } else {
+          grad_run<scalar_t, grad_t, kMask, true, kStats, kRes>(dy + i, z + i, mask, nbytes, i, stop - i, A + c,
+                                                                B + c, D + c, mean + c, dz + i, dr, lm);
+        }
+        i = stop;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename grad_t>
+void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const Layout& l,
+                   const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool batch_stats,
+                   at::Tensor& dz, at::Tensor& dres, at::Tensor& dweight, at::Tensor& dbias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const grad_t* dyp = dy.const_data_ptr<grad_t>();
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const bool has_mask = mask.numel() > 0;
+  const uint8_t* mp = has_mask ? mask.const_data_ptr<uint8_t>() : nullptr;
+  const int64_t nbytes = mask.numel();
+  const acc_t* meanp = mean.const_data_ptr<acc_t>();
+  const acc_t* isp = invstd.const_data_ptr<acc_t>();
+  const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  acc_t* dwp = dweight.mutable_data_ptr<acc_t>();
+  acc_t* dbp = dbias.mutable_data_ptr<acc_t>();
+  const int64_t C = l.C;
+  std::vector<acc_t> sx(C);
+  if (has_mask) reduce_all<scalar_t, grad_t, true>(dyp, zp, mp, nbytes, l, meanp, dbp, sx.data());
+  else reduce_all<scalar_t, grad_t, false>(dyp, zp, mp, nbytes, l, meanp, dbp, sx.data());
+
+  std::vector<acc_t> A(C), B(C), D(C);
+  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(l.count());
+  for (int64_t c = 0; c < C; ++c) {
+    dwp[c] = sx[c] * isp[c];
+    A[c] = (wp ? wp[c] : acc_t(1)) * isp[c];
+    B[c] = batch_stats ? -A[c] * isp[c] * dwp[c] * inv_m : acc_t(0);
+    D[c] = batch_stats ? -A[c] * dbp[c] * inv_m : acc_t(0);
+  }
+  scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
+  grad_t* drp = dres.defined() ? dres.mutable_data_ptr<grad_t>() : nullptr;
+  // Dispatch the three flags to compile-time constants.
+  auto go = [&](auto kMask, auto kStats, auto kRes) {
+    grad_all<scalar_t, grad_t, decltype(kMask)::value, decltype(kStats)::value, decltype(kRes)::value>(
+        dyp, zp, mp, nbytes, l, A.data(), B.data(), D.data(), meanp, dzp, drp);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  const bool r = drp != nullptr;
+  if (has_mask) {
+    if (batch_stats) r ? go(T{}, T{}, T{}) : go(T{}, T{}, F{});
+    else r ? go(T{}, F{}, T{}) : go(T{}, F{}, F{});
+  } else {
+    if (batch_stats) r ? go(F{}, T{}, T{}) : go(F{}, T{}, F{});
+    else r ? go(F{}, F{}, T{}) : go(F{}, F{}, F{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& mask, const at::Tensor& mean,
+    const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool batch_stats, bool need_residual_grad) {
+  check_z(z_in, "bn_backward");
+  const int64_t C = z_in.size(1);
+  check_cpu(dy_in, "bn_backward", "dy");
+  check_floating(dy_in, "dy");
+  check_same_shape(z_in, "z", dy_in, "dy");
+  const auto st = stat_type(z_in.scalar_type());
+  check_channel_vec(mean, "bn_backward", "mean", C);
+  check_channel_vec(invstd, "bn_backward", "invstd", C);
+  if (weight.has_value()) check_channel_vec(*weight, "bn_backward", "weight", C);
+  check_cpu(mask, "bn_backward", "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_resnet.bn_backward: `mask` must be uint8, got ",
+              mask.scalar_type());
+  const int64_t n = z_in.numel();
+  TORCH_CHECK(mask.numel() == 0 || (mask.dim() == 1 && mask.numel() == (n + 7) / 8),
+              "fused_resnet.bn_backward: `mask` must be empty (no ReLU) or hold ceil(numel(z) / 8) = ", (n + 7) / 8,
+              " bytes, got shape ", mask.sizes());
+
+  const auto fmt = compute_format(z_in);
+  const at::Tensor z = z_in.contiguous(fmt);
+  const Layout l = layout_of(z, fmt);
+  const at::Tensor mk = mask.contiguous();
+  const at::Tensor mn = mean.to(st).contiguous();
+  const at::Tensor is = invstd.to(st).contiguous();
+  const at::Tensor w = weight.has_value() ? weight->to(st).contiguous() : at::Tensor();
+  // dy in z's dtype is the fast path; any other dtype is read in op-math
+  // precision (the reference's g = dy.to(acc)).
+  const bool same = dy_in.scalar_type() == z.scalar_type();
+  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
+
+  at::Tensor dz = at::empty_like(z, z.options(), fmt);
+  at::Tensor dres = need_residual_grad ? at::empty_like(dy, dy.options(), fmt) : at::Tensor();
+  at::Tensor dweight = at::empty({C}, z.options().dtype(st));
+  at::Tensor dbias = at::empty({C}, z.options().dtype(st));
+  if (n == 0) {
+    dweight.zero_();
+    dbias.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (same) {
+        backward_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, is, w, batch_stats, dz, dres, dweight, dbias);
+      } else {
+        backward_impl<scalar_t, acc_t>(dy, z, mk, l, mn, is, w, batch_stats, dz, dres, dweight, dbias);
+      }
+    });
+  }
+  if (!need_residual_grad) {
+    dres = at::empty({0}, dy_in.options());
+  } else if (!same) {
+    dres = dres.to(dy_in.scalar_type());
+  }
+  return {dz, dres, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("bn_backward", &bn_backward_cpu);
+}
+
+}  // namespace bn
+}  // namespace fused_resnet

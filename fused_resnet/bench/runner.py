@@ -1,0 +1,221 @@
+"""`fused-resnet bench`: every provider, side by side in one process, on the
+same weights and input; verification before timing; one row per provider
+and mode."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import numerics
+from . import environment, providers as prov
+from .timing import peak_memory_bytes, time_steps
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("inference", "train")
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    batch_size: int
+    image_size: int
+    dtype: str  # key of DTYPES
+    device: str
+    modes: tuple[str, ...]
+    steps: int
+    warmup: int
+    channels_last: bool = True
+    providers: list[str] | None = None  # None: all
+    num_classes: int = 1000
+    seed: int = 0
+    measure_memory: bool = True
+    compile_mode: str = "auto"  # torch.compile mode for inference; auto = max-autotune on GPU
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def defaults_for(device: str) -> dict:
+    """The embedded defaults (issue 9): a GPU run at training scale, a CPU run
+    that finishes in minutes on two cores."""
+    if torch.device(device).type == "cuda":
+        return dict(model="resnet50", batch_size=256, image_size=224, dtype="bf16", steps=20, warmup=5)
+    return dict(model="resnet50", batch_size=8, image_size=224, dtype="fp32", steps=5, warmup=2)
+
+
+@dataclass
+class Row:
+    mode: str
+    provider: str
+    kind: str
+    backend: str | None
+    status: str  # ok | FAILED (numerics) | unavailable | error
+    reason: str = ""
+    images_per_s: float | None = None
+    ratio_to_eager: float | None = None
+    ratio_to_compile: float | None = None
+    median_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    peak_mem_mib: float | None = None
+    first_call_s: float | None = None
+    max_err: float | None = None
+    mean_err: float | None = None
+    eager_err: float | None = None
+    err_bound: float | None = None
+    numerics_ok: bool | None = None
+
+
+class _Progress:
+    """tqdm when installed, else one plain line per task on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.total, self.done = total, 0
+
+    def start(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(what)
+        elif self.enabled:
+            print(f"[{self.done + 1}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _worst(outs: list[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
+    return max(outs, key=lambda o: numerics.max_abs_err(o.float(), ref))
+
+
+def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, eager_out,
+                  own: bool = False) -> tuple[Row, torch.Tensor]:
+    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok", reason=p.reason)
+    step = prov.make_step(p, mode, cfg.model, sd, x, y, cfg.torch_dtype, cfg.channels_last, cfg.num_classes,
+                          compile_mode=cfg.compile_mode)
+    # The first call compiles / autotunes / warms caches; it is timed on its
+    # own, and its output (from the initial weights) is the one verified.
+    t0 = time.perf_counter()
+    out = step.call()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    row.first_call_s = time.perf_counter() - t0
+    if eager_out is None:  # this is the eager row itself
+        eager_out = out
+    elif own:  # an eager layout: part of the baseline it is judged by
+        eager_out = _worst([eager_out, out], ref)
+    v = numerics.compare(out.float(), eager_out.float(), ref, dtype=cfg.torch_dtype, kind="output")
+    row.max_err, row.mean_err, row.eager_err, row.err_bound, row.numerics_ok = (
+        v.fused_err, v.mean_err, v.eager_err, v.bound, v.ok)
+    if not v.ok:
+        row.status = "FAILED"
+    t = time_steps(step.call, x.device, cfg.steps, max(cfg.warmup - 1, 0))
+    row.times_ms = [s * 1e3 for s in t.times_s]
+    row.median_ms = t.median_s * 1e3
+    row.p50_ms, row.p90_ms = t.p50_ms, t.p90_ms
+    row.images_per_s = cfg.batch_size / t.median_s
+    if cfg.measure_memory:
+        peak = peak_memory_bytes(step.call, x.device)
+        row.peak_mem_mib = None if peak is None else peak / 2**20
+    del step
+    return row, out
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    device = torch.device(cfg.device)
+    dtype = cfg.torch_dtype
+    env = environment.describe(device)  # before the run: the load average then is the one that matters
+    plist = prov.select_providers(device, dtype, cfg.providers)
+    runnable = [p for p in plist if p.available]
+    sd = prov.reference_state_dict(cfg.model, cfg.seed, cfg.num_classes)
+    x, y = prov.make_input(cfg.batch_size, cfg.image_size, device, dtype, seed=cfg.seed + 1,
+                           num_classes=cfg.num_classes)
+    eager_p = prov.make_provider("eager", device, dtype)
+    bar = _Progress(total=len(cfg.modes) * (1 + len(runnable)), enabled=progress)
+    rows: list[Row] = []
+    try:
+        for mode in cfg.modes:
+            bar.start(f"{mode}: reference")
+            ref = prov.reference_logits(cfg.model, sd, x, mode, cfg.num_classes)
+
+            def eager_logits():
+                return prov.make_step(eager_p, mode, cfg.model, sd, x, y, dtype, False, cfg.num_classes).call()
+
+            # PyTorch's own outputs (NCHW, and channels_last when that row runs):
+            # each row is judged against the larger of their errors.
+            eager_outs: list[torch.Tensor] = [] if "eager" in [p.name for p in runnable] else [eager_logits()]
+            bar.advance()
+            order = {"eager": 0, "channels_last": 1}
+            for p in sorted(runnable, key=lambda p: order.get(p.name, 2)):
+                bar.start(f"{mode}: {p.name}")
+                if p.name != "eager" and not eager_outs:  # the eager row failed: judge by a plain eager step
+                    eager_outs.append(eager_logits())
+                try:
+                    if p.name == "eager":
+                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, None)
+                        eager_outs.append(out)
+                    elif p.name == "channels_last":
+                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, _worst(eager_outs, ref), own=True)
+                        eager_outs.append(out)
+                    else:
+                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, _worst(eager_outs, ref))
+                except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
+                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="error", reason=msg)
+                    if progress:
+                        traceback.print_exc(file=sys.stderr)
+                rows.append(row)
+                bar.advance()
+            for p in plist:
+                if not p.available:
+                    rows.append(Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend,
+                                    status="unavailable", reason=p.reason))
+    finally:
+        bar.close()
+    _fill_ratios(rows)
+    return {
+        "schema": 1,
+        "config": {**asdict(cfg), "modes": list(cfg.modes)},
+        "environment": env,
+        "memory_definition": "peak tensor memory allocated during one step above what was allocated before it "
+                             "(GPU: torch.cuda.max_memory_allocated; CPU: allocator events via torch.profiler)",
+        "providers": [p.to_dict() for p in plist],
+        "results": [asdict(r) for r in rows],
+    }
+
+
+def _fill_ratios(rows: list[Row]) -> None:
+    for mode in MODES:
+        base = {r.provider: r.images_per_s for r in rows if r.mode == mode and r.images_per_s}
+        for r in rows:
+            if r.mode != mode or not r.images_per_s:
+                continue
+            if "eager" in base:
+                r.ratio_to_eager = r.images_per_s / base["eager"]
+            if "compile" in base:
+                r.ratio_to_compile = r.images_per_s / base["compile"]
+
+
+def failed(result: dict) -> bool:
+    """True if any row that ran failed its numerics check or raised."""
+    return any(r["status"] in ("FAILED", "error") for r in result["results"])

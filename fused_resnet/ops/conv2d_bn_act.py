@@ -1,0 +1,212 @@
+"""conv2d + per-channel scale/shift (folded or batch-statistics BN) + residual
+add + ReLU in one Triton kernel, optionally emitting the per-channel sum and
+sum of squares of the raw conv output for BatchNorm's batch statistics.
+
+The op fused_resnet::conv2d_bn_act is defined here, from Python (it has no
+C++ kernel): a torch.library.custom_op with a fake kernel, so
+torch.compile(fullgraph=True) traces through it as one opaque node, and a
+registered autograd formula: the epilogue's backward (ReLU mask, residual
+gradient, d(scale), d(shift), the statistics' gradients) composed with
+aten.convolution_backward for dgrad and wgrad.
+
+Where the Triton kernel cannot run (a CPU tensor without TRITON_INTERPRET=1,
+fp64, bf16 under the interpreter, which computes bf16 dots wrongly) the op
+computes the same contract with F.conv2d + the reference epilogue.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from . import reference
+
+_OP = "fused_resnet::conv2d_bn_act"
+
+
+def _pair(v, what: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    t = [int(e) for e in v]
+    if len(t) == 1:
+        return t * 2
+    if len(t) != 2:
+        raise ValueError(f"conv2d_bn_act: `{what}` must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _out_hw(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
+    h, w = x_shape[2], x_shape[3]
+    kh, kw = w_shape[2], w_shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel (rather than the aten path) runs for x."""
+    av = _backend.availability()
+    if x.device.type == "cuda":
+        return av["triton"].available and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if x.device.type == "cpu" and _backend.triton_interpreter_on() and av["triton-interpreter"].available:
+        return x.dtype in (torch.float16, torch.float32)
+    return False
+
+
+def _aten_path(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats):
+    y, s, q = reference.conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation,
+                                      groups, emit_stats)
+    # Outputs of a custom op may not alias each other: the empty sums are one
+    # tensor in the reference.
+    return y.contiguous(memory_format=torch.channels_last), s, (q.clone() if q is s else q)
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _conv2d_bn_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    relu: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    emit_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _triton_runs(x):
+        from ..triton import launch
+
+        return launch.conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                                    emit_stats)
+    return _aten_path(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
+
+
+@_conv2d_bn_act_op.register_fake
+def _conv2d_bn_act_fake(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats):
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "conv2d_bn_act: `x` and `weight` must be 4-D")
+    oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
+    c_out = weight.shape[0]
+    y = torch.empty((x.shape[0], c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    sd = reference.stat_dtype(x.dtype)
+    n = c_out if emit_stats else 0
+    return y, x.new_empty((n,), dtype=sd), x.new_empty((n,), dtype=sd)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats = inputs
+    y = output[0]
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.relu = relu
+    ctx.has_scale, ctx.has_shift, ctx.has_residual = scale is not None, shift is not None, residual is not None
+    ctx.emit_stats = emit_stats
+    ctx.shift_dtype = shift.dtype if shift is not None else None
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(x, weight, scale, y if relu else None)
+    # Unused outputs (often the statistics) then arrive as None, so their
+    # backward, which needs z and so a second conv, is skipped.
+    ctx.set_materialize_grads(False)
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _backward(ctx, gy, gsum, gsumsq):
+    x, weight, scale, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    needs = ctx.needs_input_grad
+    acc = reference.stat_dtype(x.dtype)
+    oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
+    out_shape = (x.shape[0], weight.shape[0], oh, ow)
+
+    g = gy.to(acc) if gy is not None else torch.zeros(out_shape, dtype=acc, device=x.device)
+    if ctx.relu:
+        g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    d_residual = g.to(ctx.res_dtype) if ctx.has_residual and needs[4] else None
+    d_shift = g.sum(dim=(0, 2, 3)).to(ctx.shift_dtype) if ctx.has_shift and needs[3] else None
+
+    stats_used = ctx.emit_stats and (gsum is not None or gsumsq is not None)
+    need_z = stats_used or (ctx.has_scale and needs[2])
+    z = F.conv2d(x.detach(), weight.detach(), None, stride, padding, dilation, groups).to(acc) if need_z else None
+    d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if ctx.has_scale and needs[2] else None
+
+    dz = g * _per_channel(scale.to(acc)) if ctx.has_scale else g
+    if ctx.emit_stats and gsum is not None:
+        dz = dz + _per_channel(gsum.to(acc))
+    if ctx.emit_stats and gsumsq is not None:
+        dz = dz + 2.0 * z * _per_channel(gsumsq.to(acc))
+
+    dx = dw = None
+    if needs[0] or needs[1]:
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs[0], needs[1], False],
+        )
+    return dx, dw, d_scale, d_shift, d_residual, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+def _use_triton_op(backend: str | None, x: torch.Tensor) -> bool:
+    choice = backend.strip().lower() if backend is not None else _backend.get_backend()
+    if choice == "reference":
+        return False
+    # The Triton kernel is this op's only fused implementation, so "auto"
+    # means it wherever it can run.
+    if choice == "auto":
+        choice = "triton"
+    return _backend.resolve(choice, x.device) == "triton"
+
+
+def conv2d_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    emit_stats: bool = False,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = [relu](conv2d(x, weight) * scale + shift [+ residual]), one kernel.
+
+    Args:
+        x: (N, C_in, H, W), float16/bfloat16/float32 for the Triton kernel
+            (any float dtype on the aten path); channels_last is the layout
+            the kernel reads, anything else is converted first.
+        weight: (C_out, C_in / groups, KH, KW), x's dtype.
+        scale, shift: optional per-output-channel (C_out,) tensors, used in
+            fp32 (folded BN, or BN with known batch statistics).
+        residual: optional tensor of the output's shape, added after shift.
+        relu: apply ReLU last.
+        stride, padding, dilation, groups: as F.conv2d (ints or pairs).
+        emit_stats: also return sum and sum of squares over (N, H, W) of the
+            raw conv output z, in fp32 (fp64 for fp64), reduced deterministically.
+        backend: None (the global choice; "auto" means Triton where it can
+            run), "triton", or "reference" (F.conv2d + the eager epilogue).
+
+    Returns (y, sum, sumsq); y is channels_last in x's dtype; sum and sumsq are
+    empty when emit_stats is False. Differentiable in x, weight, scale, shift,
+    residual and through the statistics.
+    """
+    if backend is not None and backend.strip().lower() not in _backend.BACKENDS + ("auto",):
+        _backend.validate(backend)  # raises BackendError naming the choices
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d_bn_act: `groups` must be a positive int, got {groups!r}")
+    if not _use_triton_op(backend, x):
+        return reference.conv2d_bn_act(x, weight, scale, shift, residual, bool(relu), stride, padding, dilation,
+                                       groups, bool(emit_stats))
+    return torch.ops.fused_resnet.conv2d_bn_act(x, weight, scale, shift, residual, bool(relu), stride, padding,
+                                                dilation, groups, bool(emit_stats))

@@ -1,0 +1,302 @@
+"""The cudnn backend's ops: convolution + epilogue fused in cuDNN graphs
+(csrc/cudnn/, built when the cuDNN frontend's headers are found).
+
+- conv_bias_act: y = [relu](conv(x, w) [+ bias] [+ residual]), one graph
+  (inference, BN folded into w and bias; differentiable);
+- conv_genstats: z = conv([relu](x * in_scale + in_shift), w) with the
+  per-channel sum and sum of squares of z from the same graph (training
+  forward; the optional prologue applies the previous layer's BN + ReLU as the
+  conv reads its input);
+- conv_bn_train: conv_genstats -> bn_finalize (PyTorch's running-statistic
+  rules) -> bn_apply, the whole training forward of conv + BN [+ add] [+ ReLU];
+- conv_dgrad / conv_wgrad: the convolution's gradients as cuDNN graphs.
+
+Each graph is built and its plan chosen once per (operands' shapes, strides,
+dtypes, alignment, device, conv parameters, math flags). A graph cuDNN refuses
+runs as aten's convolution + an fp32 epilogue instead and is listed by
+fallbacks(). The ops run on CUDA tensors; elsewhere the functions compute the
+same contract with the reference ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from . import reference
+
+__all__ = [
+    "built",
+    "conv_bias_act",
+    "conv_genstats",
+    "conv_bn_train",
+    "conv_dgrad",
+    "conv_wgrad",
+    "graph_key",
+    "cache_stats",
+    "fallbacks",
+    "clear_cache",
+]
+
+
+def built() -> bool:
+    """True when fused_resnet._C holds the cuDNN graphs (the frontend headers
+    were found at build time); whether a GPU is visible is a separate matter
+    (fused_resnet.availability()["cudnn"])."""
+    return _backend.has_kernel("cudnn_conv_bias_act", "CUDA")
+
+
+def _pair(v, what: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    t = [int(e) for e in v]
+    if len(t) == 1:
+        t = t * 2
+    if len(t) != 2:
+        raise ValueError(f"fused_resnet.cudnn: `{what}` must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _out_shape(x_shape, w_shape, stride, padding, dilation):
+    hw = [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1
+          for d in range(2)]
+    return (x_shape[0], w_shape[0], hw[0], hw[1])
+
+
+def _runs_native(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and built()
+
+
+def _channel(v: torch.Tensor | None, acc: torch.dtype = torch.float32) -> torch.Tensor | None:
+    return None if v is None else v.to(acc).view(1, -1, 1, 1)
+
+
+def _schemas_defined() -> bool:
+    # An extension built before these schemas existed must not break import.
+    if not _backend.native_loaded():
+        return False
+    try:
+        torch.ops.fused_resnet.cudnn_conv_bias_act.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if _schemas_defined():
+    # Fake kernels: the schemas exist whenever _C loads, the CUDA kernels only
+    # when the backend was built; tracing needs the shapes either way.
+
+    @torch.library.register_fake("fused_resnet::cudnn_conv_bias_act")
+    def _bias_act_fake(x, weight, bias, residual, relu, stride, padding, dilation, groups):
+        shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fused_resnet::cudnn_conv_genstats")
+    def _genstats_fake(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+        shape = _out_shape(x.shape, weight.shape, stride, padding, dilation)
+        z = x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+        return z, x.new_empty((shape[1],), dtype=torch.float32), x.new_empty((shape[1],), dtype=torch.float32)
+
+    @torch.library.register_fake("fused_resnet::cudnn_conv_dgrad")
+    def _dgrad_fake(dy, weight, x_size, stride, padding, dilation, groups):
+        return dy.new_empty(list(x_size)).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fused_resnet::cudnn_conv_wgrad")
+    def _wgrad_fake(dy, x, weight_size, stride, padding, dilation, groups):
+        return x.new_empty(list(weight_size)).contiguous(memory_format=torch.channels_last)
+
+    def _bias_act_setup(ctx, inputs, output):
+        x, weight, bias, residual, relu, stride, padding, dilation, groups = inputs
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.relu = relu
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x, weight, output if relu else None)
+
+    def _bias_act_backward(ctx, gy):
+        x, weight, y = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        needs = ctx.needs_input_grad
+        g = torch.where(y > 0, gy, torch.zeros((), dtype=gy.dtype, device=gy.device)) if ctx.relu else gy
+        g = g.contiguous(memory_format=torch.channels_last)
+        dx = conv_dgrad(g, weight, x.shape, stride, padding, dilation, groups) if needs[0] else None
+        dw = conv_wgrad(g, x, weight.shape, stride, padding, dilation, groups) if needs[1] else None
+        if dw is not None:
+            dw = dw.contiguous(memory_format=reference.memory_format_of(weight))
+        db = g.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[2] else None
+        dr = g if ctx.has_residual and needs[3] else None
+        return dx, dw, db, dr, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fused_resnet::cudnn_conv_bias_act", _bias_act_backward, setup_context=_bias_act_setup
+    )
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """y = [relu](conv2d(x, weight) [+ bias[c]] [+ residual]) in one cuDNN graph.
+
+    Args:
+        x: (N, C, H, W) fp16, bf16 or fp32 (channels_last is the layout the
+            fusion engines run; NCHW input is copied to it first).
+        weight: (K, C/groups, R, S) of x's dtype (BN folded in, see
+            reference.fold_bn).
+        bias: (K,) fp32 or x's dtype, or None.
+        residual: tensor of the output's shape and x's dtype, or None.
+        relu: apply ReLU last.
+        stride, padding, dilation: int or pair; groups: int.
+
+    Returns y in channels_last, x's dtype. Differentiable (the backward runs
+    cuDNN dgrad/wgrad graphs). Non-CUDA tensors, or a build without the cuDNN
+    frontend, compute the same with F.conv2d + the epilogue in fp32.
+    """
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if _runs_native(x):
+        return torch.ops.fused_resnet.cudnn_conv_bias_act(x, weight, bias, residual, relu, s, p, d, groups)
+    # The epilogue in fp32 (fp64 for fp64 input), as the graph computes it.
+    acc_t = reference.stat_dtype(x.dtype)
+    acc = F.conv2d(x, weight, None, s, p, d, groups).to(acc_t)
+    if bias is not None:
+        acc = acc + _channel(bias, acc_t)
+    if residual is not None:
+        acc = acc + residual.to(acc_t)
+    if relu:
+        acc = torch.relu(acc)
+    return acc.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def conv_genstats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    in_relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = conv2d(prologue(x), weight) and the fp32 per-channel sum and sum of
+    squares of z, in one cuDNN graph. prologue(x) = [relu](x * in_scale[c] +
+    in_shift[c]) when in_scale/in_shift are given (the previous layer's BN),
+    else x. Returns (z in channels_last, sum, sumsq); the sums are fp32 (fp64
+    for fp64 input on the non-CUDA path). Forward only."""
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if _runs_native(x):
+        return torch.ops.fused_resnet.cudnn_conv_genstats(x, weight, in_scale, in_shift, in_relu, s, p, d, groups)
+    acc_t = reference.stat_dtype(x.dtype)
+    inp = x
+    if in_scale is not None:
+        inp = x.to(acc_t) * _channel(in_scale, acc_t) + _channel(in_shift, acc_t)
+        inp = (torch.relu(inp) if in_relu else inp).to(x.dtype)
+    z = F.conv2d(inp, weight, None, s, p, d, groups).contiguous(memory_format=torch.channels_last)
+    zf = z.to(acc_t)
+    return z, zf.sum(dim=(0, 2, 3)), (zf * zf).sum(dim=(0, 2, 3))
+
+
+def _bn_op(name: str, t: torch.Tensor):
+    key = "CUDA" if t.device.type == "cuda" else "CPU"
+    if _backend.has_kernel(name, key):
+        return getattr(torch.ops.fused_resnet, name)
+    return getattr(reference, name)
+
+
+def conv_bn_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward of conv -> BatchNorm (batch statistics) [-> + residual]
+    [-> ReLU]: conv_genstats, then the C++ bn_finalize (PyTorch's running-stat
+    update, in place) and bn_apply.
+
+    Batch variance comes from the graph's sums as E[z^2] - E[z]^2 in fp32
+    (clamped at 0), less robust than a Welford pass when |mean| >> std.
+    Returns (y, z, mean, invstd, relu_mask) — what bn_backward needs. Forward
+    only (no autograd)."""
+    z, s, sq = conv_genstats(x, weight, None, None, False, stride, padding, dilation, groups)
+    count = z.numel() // z.shape[1]
+    mean = s / count
+    var = (sq / count - mean * mean).clamp_min(0)
+    scale, shift, invstd = _bn_op("bn_finalize", z)(
+        mean, var, count, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    y, mask = _bn_op("bn_apply", z)(z, scale, shift, residual, relu)
+    return y, z, mean, invstd, mask
+
+
+def conv_dgrad(dy, weight, x_size, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """d loss / d x of conv2d(x, weight) given dy = d loss / d output (channels_last)."""
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if _runs_native(dy):
+        return torch.ops.fused_resnet.cudnn_conv_dgrad(dy, weight, list(x_size), s, p, d, groups)
+    x = torch.empty(x_size, dtype=dy.dtype, device=dy.device)
+    dx, _, _ = torch.ops.aten.convolution_backward(dy, x, weight, None, s, p, d, False, [0, 0], groups,
+                                                   [True, False, False])
+    return dx.contiguous(memory_format=torch.channels_last)
+
+
+def conv_wgrad(dy, x, weight_size, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """d loss / d weight of conv2d(x, weight) given dy (channels_last result)."""
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if _runs_native(dy):
+        return torch.ops.fused_resnet.cudnn_conv_wgrad(dy, x, list(weight_size), s, p, d, groups)
+    w = torch.empty(weight_size, dtype=x.dtype, device=x.device)
+    _, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, s, p, d, False, [0, 0], groups,
+                                                   [False, True, False])
+    return dw.contiguous(memory_format=torch.channels_last)
+
+
+def _cache_op(name: str):
+    if not built():
+        raise RuntimeError(
+            f"fused_resnet.cudnn: {name} needs the cudnn backend, which was not built here: "
+            f"{_backend._cudnn_frontend_reason()}")
+    return getattr(torch.ops.fused_resnet, name)
+
+
+def graph_key(variant: str, tensors, params) -> str:
+    """The cache key the C++ side uses for a graph over these operands
+    (None for an absent optional operand) and integer parameters."""
+    return _cache_op("cudnn_graph_key")(variant, list(tensors), [int(p) for p in params])
+
+
+def cache_stats() -> dict[str, int]:
+    """The process-wide graph cache: entries, hits, builds, refusals."""
+    entries, hits, builds, refusals = _cache_op("cudnn_cache_stats")()
+    return {"entries": entries, "hits": hits, "builds": builds, "refusals": refusals}
+
+
+def fallbacks() -> list[tuple[str, str]]:
+    """(graph key, cuDNN's reason) for every graph cuDNN refused in this
+    process: those layers ran as aten conv + an fp32 epilogue. The key names
+    the variant, device, operands (dtype[sizes]s[strides]aN) and parameters."""
+    if not built():
+        return []
+    return [tuple(line.split("\t", 1)) for line in torch.ops.fused_resnet.cudnn_fallbacks()]
+
+
+def clear_cache() -> None:
+    """Forget every built graph and refusal (and the statistics)."""
+    _cache_op("cudnn_cache_clear")()

@@ -1,0 +1,151 @@
+"""Implicit-GEMM 2-D convolution forward over NHWC with fused epilogues.
+
+The convolution is a GEMM per group g:
+    rows    m = (n, oh, ow)            M = N * OH * OW
+    columns c = output channel in g    COUT_G = C_out / groups
+    depth   k = (kh, kw, ci)           K_G = KH * KW * CIN_G
+The A tile is gathered from the NHWC input (zero outside the padded image),
+the B tile is read from weights prepared as (groups, K_G, COUT_G) so its rows
+are contiguous (see launch.prepare_weight).
+
+MODE picks how k is walked (all three give the same numbers):
+  MODE_GEMM     1x1, stride 1, no padding: the input *is* the A matrix.
+  MODE_CBLOCK   one filter tap (kh, kw) per step and BLOCK_K input channels of
+                it: the address math is per row, not per element, so this is
+                the fast path whenever CIN_G fills a BLOCK_K.
+  MODE_FLAT     k decomposed per element, so a step spans several taps: for
+                the stem (C_in = 3) and thin groups (ResNeXt CIN_G = 4), where
+                a tap has too few channels to fill a tensor-core K step.
+
+Epilogue (constexpr flags, applied to the fp32 accumulator z before anything
+is written): EMIT_STATS stores per-tile, per-channel sum(z) and sum(z*z) of the
+raw conv output into [num_m_tiles, C_out] buffers (reduced on the host, in a
+fixed order: no atomics, deterministic); then y = z * scale + shift + residual,
+ReLU, cast to y's dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Part of every autotune cache key: bump when the kernel changes in a way that
+# could change which config is fastest or whether a config compiles.
+KERNEL_VERSION = "conv2d_fwd-v1"
+
+MODE_GEMM = 0
+MODE_CBLOCK = 1
+MODE_FLAT = 2
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+
+    # Grouped ordering: GROUP_M row tiles share each weight column tile while
+    # it is still in L2, instead of sweeping all of M per column tile.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT_G
+
+    K_G = KH * KW * CIN_G
+    # int64 bases: N*H*W*C and groups*K_G*COUT_G may pass 2**31.
+    w_base = w_ptr + g.to(tl.int64) * K_G * COUT_G
+    x_cbase = x_ptr + g * CIN_G
+    b_cols = offs_n[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MODE == 0:
+        a_rows = x_cbase + offs_m.to(tl.int64) * C_in
+        for k0 in range(0, CIN_G, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < CIN_G
+            a = tl.load(a_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_base + kk[:, None] * COUT_G + b_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        ow = offs_m % OW
+        t = offs_m // OW
+        oh = t % OH
+        img_row = (t // OH).to(tl.int64) * H
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        if MODE == 1:
+            n_cblk = tl.cdiv(CIN_G, BLOCK_K)
+            # One flat loop over (tap, channel block) so the pipeliner sees a
+            # single loop; the scalar div/mod per step is free next to the dot.
+            for i in range(0, KH * KW * n_cblk):
+                tap = i // n_cblk
+                c0 = (i - tap * n_cblk) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_rows = x_cbase + ((img_row + ih) * W + iw) * C_in
+                kk = c0 + offs_k
+                k_ok = kk < CIN_G
+                a = tl.load(a_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_base + (tap * CIN_G + kk)[:, None] * COUT_G + b_cols,
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            for k0 in range(0, K_G, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < K_G
+                ci = kk % CIN_G
+                tap = kk // CIN_G
+                kh = tap // KW
+                kw = tap - kh * KW
+                ih = ih0[:, None] + (kh * dil_h)[None, :]
+                iw = iw0[:, None] + (kw * dil_w)[None, :]
+                ok = (m_ok[:, None] & k_ok[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+                a = tl.load(x_cbase + ((img_row[:, None] + ih) * W + iw) * C_in + ci[None, :], mask=ok, other=0.0)
+                b = tl.load(w_base + kk[:, None] * COUT_G + b_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    chan = g * COUT_G + offs_n
+    if EMIT_STATS:
+        # Rows past M and columns past COUT_G hold exact zeros (their loads
+        # were masked to 0), so they add nothing to the sums.
+        stat_offs = pid_m.to(tl.int64) * C_out + chan
+        tl.store(psum_ptr + stat_offs, tl.sum(acc, axis=0), mask=n_ok)
+        tl.store(psumsq_ptr + stat_offs, tl.sum(acc * acc, axis=0), mask=n_ok)
+
+    out = acc
+    if HAS_SCALE:
+        out = out * tl.load(scale_ptr + chan, mask=n_ok, other=0.0)[None, :]
+    if HAS_SHIFT:
+        out = out + tl.load(shift_ptr + chan, mask=n_ok, other=0.0)[None, :]
+    # One int64 base per tile and int32 offsets inside it: a [BM, BN] tensor
+    # of int64 offsets costs two registers per element and made the big
+    # tiles spill (ptxas) once the residual was loaded.
+    tile_base = (pid_m * BLOCK_M).to(tl.int64) * C_out
+    y_offs = tl.arange(0, BLOCK_M)[:, None] * C_out + chan[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        out = out + tl.load(res_ptr + tile_base + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+    if RELU:
+        # where(out < 0) rather than maximum: NaN stays NaN, as torch.relu does.
+        out = tl.where(out < 0.0, 0.0, out)
+    tl.store(y_ptr + tile_base + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_ok)

@@ -1,0 +1,230 @@
+"""Host side of the Triton convolution: weight layout, output allocation,
+mode and config choice (autotuned, cached on disk), grid, dtype rules.
+
+Called by fused_resnet.ops.conv2d_bn_act for CUDA tensors, and for CPU
+tensors when the Triton interpreter is on (TRITON_INTERPRET=1 at import).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+
+import torch
+import triton
+
+from . import autotune_cache, conv_configs
+from .conv2d_fwd import KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Below this many input channels per group a filter tap cannot fill a
+# tensor-core K step, so K is walked across taps (MODE_FLAT).
+FLAT_K_BELOW_CIN_G = 32
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pair(v, what: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(e) for e in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ValueError(f"conv2d_bn_act: `{what}` must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+# ---------------------------------------------------------------- weights
+
+_WEIGHT_CACHE_SIZE = 256
+_weight_cache: OrderedDict = OrderedDict()
+_weight_lock = threading.Lock()
+
+
+def _weight_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    c_out, cin_g, kh, kw = weight.shape
+    cout_g = c_out // groups
+    # (C_out, Cin_g, KH, KW) -> (groups, KH, KW, Cin_g, Cout_g): K index is
+    # (kh, kw, ci) as the kernel walks it and each B-tile row is contiguous.
+    w = weight.detach().reshape(groups, cout_g, cin_g, kh, kw).permute(0, 3, 4, 2, 1)
+    return w.reshape(groups, kh * kw * cin_g, cout_g).contiguous()
+
+
+def prepare_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weights as (groups, KH*KW*Cin_g, Cout_g), contiguous, cached per weight
+    tensor. The entry holds the weight itself, so its storage cannot be freed
+    and reused under the same pointer; it is valid while the tensor, its
+    storage and its version counter (bumped by every in-place update, e.g. an
+    optimizer step) are unchanged."""
+    key = (id(weight), groups)
+    with _weight_lock:
+        hit = _weight_cache.get(key)
+        if hit is not None:
+            src, ptr, version, prepared = hit
+            if src is weight and ptr == weight.data_ptr() and version == weight._version:
+                _weight_cache.move_to_end(key)
+                return prepared
+    prepared = _weight_layout(weight, groups)
+    with _weight_lock:
+        _weight_cache[key] = (weight, weight.data_ptr(), weight._version, prepared)
+        while len(_weight_cache) > _WEIGHT_CACHE_SIZE:
+            _weight_cache.popitem(last=False)
+    return prepared
+
+
+def clear_weight_cache() -> None:
+    with _weight_lock:
+        _weight_cache.clear()
+
+
+# ---------------------------------------------------------------- configs
+
+_chosen: dict[str, conv_configs.ConvConfig] = {}
+_chosen_lock = threading.Lock()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # TF32 only where PyTorch's own convolution would use it.
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _benchmark(run, cfg) -> float:
+    try:
+        return float(triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25))
+    except Exception as exc:  # noqa: BLE001 - e.g. OutOfResources on a smaller part than sm_80/sm_90
+        warnings.warn(f"fused_resnet: conv config {cfg.name} failed to run ({type(exc).__name__}: {exc}); skipped",
+                      RuntimeWarning, stacklevel=2)
+        return float("inf")
+
+
+def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_configs.ConvConfig:
+    """The config for `key`: from memory, else the disk cache, else by timing
+    every candidate with `run(cfg)` (which launches the real problem)."""
+    with _chosen_lock:
+        cfg = _chosen.get(key)
+    if cfg is not None:
+        return cfg
+    by_name = {c.name: c for c in cands}
+    cache = autotune_cache.get_cache(KERNEL_VERSION)
+    name = cache.get(key)
+    if name is not None and name not in by_name:
+        warnings.warn(f"fused_resnet: autotune cache names unknown config {name!r} for {key}; re-tuning",
+                      RuntimeWarning, stacklevel=2)
+        name = None
+    if name is None:
+        times = {c.name: _benchmark(run, c) for c in cands}
+        name = min(times, key=times.get)
+        if times[name] == float("inf"):
+            raise RuntimeError(f"fused_resnet: no Triton conv config could run for {key}")
+        cache.put(key, name)
+    cfg = by_name[name]
+    with _chosen_lock:
+        _chosen[key] = cfg
+    return cfg
+
+
+# ---------------------------------------------------------------- launch
+
+
+def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats,
+                  config: conv_configs.ConvConfig | None = None):
+    """Run the Triton kernel. Same contract as reference.conv2d_bn_act; y is
+    channels_last. `config` forces a tile config (tests, benchmarks)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"conv2d_bn_act (triton): `x` must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv2d_bn_act: `weight` has dtype {weight.dtype}, expected x's dtype {x.dtype}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d_bn_act: `x` and `weight` must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
+        raise ValueError(f"conv2d_bn_act: `weight` {tuple(weight.shape)} does not match `x` with {c_in} channels "
+                         f"and groups={groups} (expected ({c_out}, {c_in // max(groups, 1)}, KH, KW) with "
+                         f"channels divisible by groups)")
+    cout_g = c_out // groups
+    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"conv2d_bn_act: output would be empty ({oh}x{ow}) for input {h}x{w}, kernel {kh}x{kw}")
+    dev = x.device
+    y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=dev, memory_format=torch.channels_last)
+    m = n * oh * ow
+    for what, v in (("scale", scale), ("shift", shift)):
+        if v is not None and v.numel() != c_out:
+            raise ValueError(f"conv2d_bn_act: `{what}` must have {c_out} elements (one per output channel), got {v.numel()}")
+    if residual is not None and tuple(residual.shape) != tuple(y.shape):
+        raise ValueError(f"conv2d_bn_act: `residual` has shape {tuple(residual.shape)}, expected the output's {tuple(y.shape)}")
+
+    if m == 0 or c_out == 0:
+        z = torch.zeros(c_out, dtype=torch.float32, device=dev)
+        return (y, z, z.clone()) if emit_stats else (y, z[:0], z[:0])
+
+    xc = x.contiguous(memory_format=torch.channels_last)
+    wp = prepare_weight(weight, groups)
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    sc = scale.detach().to(device=dev, dtype=torch.float32).contiguous() if scale is not None else dummy
+    sf = shift.detach().to(device=dev, dtype=torch.float32).contiguous() if shift is not None else dummy
+    rs = residual.detach().contiguous(memory_format=torch.channels_last) if residual is not None else y
+
+    if kh == 1 and kw == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        mode = MODE_GEMM
+    elif cin_g < FLAT_K_BELOW_CIN_G:
+        mode = MODE_FLAT
+    else:
+        mode = MODE_CBLOCK
+    precision = _input_precision(x.dtype)
+
+    stats_bufs = {}
+
+    def run(cfg: conv_configs.ConvConfig):
+        num_m_tiles = triton.cdiv(m, cfg.block_m)
+        if emit_stats:
+            shape = (num_m_tiles, c_out)
+            if stats_bufs.get("shape") != shape:
+                stats_bufs.update(shape=shape, s=torch.empty(shape, dtype=torch.float32, device=dev),
+                                  q=torch.empty(shape, dtype=torch.float32, device=dev))
+            ps, pq = stats_bufs["s"], stats_bufs["q"]
+        else:
+            ps = pq = dummy
+        grid = (num_m_tiles * triton.cdiv(cout_g, cfg.block_n), groups)
+        conv2d_fwd_kernel[grid](
+            xc, wp, y, sc, sf, rs, ps, pq,
+            m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
+            sh, sw, ph, pw, dh, dw,
+            KH=kh, KW=kw, MODE=mode,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+            RELU=bool(relu), EMIT_STATS=bool(emit_stats), INPUT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+        )
+
+    if config is None:
+        if dev.type != "cuda":
+            config = conv_configs.INTERPRETER
+        else:
+            arch = conv_configs.arch_family(torch.cuda.get_device_capability(dev))
+            epilogue = ("stats" if emit_stats else "") + ("res" if residual is not None else "") or "plain"
+            bucket = conv_configs.shape_bucket(m, c_in, c_out, kh, kw, (sh, sw), (dh, dw), groups, epilogue)
+            key = autotune_cache.make_key(arch, str(x.dtype).replace("torch.", "") + f"-{precision}", bucket,
+                                          KERNEL_VERSION)
+            config = choose_config(key, conv_configs.candidates(arch, x.element_size(), cout_g), run)
+    run(config)
+
+    if emit_stats:
+        # Fixed-order reduction of the per-tile partials: deterministic.
+        return y, stats_bufs["s"].sum(dim=0), stats_bufs["q"].sum(dim=0)
+    return y, torch.empty(0, dtype=torch.float32, device=dev), torch.empty(0, dtype=torch.float32, device=dev)

@@ -1,0 +1,175 @@
+"""The `fused-resnet` command line: argument errors, a tiny bench run and its
+JSON, verify (which must also catch a corrupted fused model), and the
+measurement helpers behind them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet
+from fused_resnet import cli
+from fused_resnet.bench import report, roofline, timing, verify
+
+BENCH_KEYS = {"schema", "config", "environment", "memory_definition", "providers", "results"}
+ROW_KEYS = {"mode", "provider", "kind", "backend", "status", "reason", "images_per_s", "ratio_to_eager",
+            "ratio_to_compile", "median_ms", "p50_ms", "p90_ms", "times_ms", "peak_mem_mib", "first_call_s",
+            "max_err", "mean_err", "eager_err", "err_bound", "numerics_ok"}
+
+
+def _error_of(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    # argparse prints the usage, then exactly one line with the message.
+    assert err and "error:" in err[-1], err
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["bench", "--model", "resnet7"], "unknown model 'resnet7'"),
+    (["verify", "--model", "vgg16"], "unknown model 'vgg16'"),
+    (["bench", "--device", "cpu", "--dtype", "fp16"], "fp16 is not supported on CPU"),
+    (["bench", "--dtype", "int8"], "--dtype must be one of"),
+    (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["verify", "--model", "resnet18", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["bench", "--providers", "eager,tensorrt"], "unknown provider 'tensorrt'"),
+    (["bench", "--steps", "0"], "--steps must be >= 1"),
+    (["bench", "--image-size", "16"], "--image-size must be >= 32"),
+    (["verify", "--model", "resnet18", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+    (["verify", "--model", "resnet18", "--state-dict", "/nonexistent/w.pt"], "no such file"),
+])
+def test_argument_errors_are_one_line_and_nonzero(capsys, argv, expect):
+    assert expect in _error_of(capsys, argv)
+
+
+def test_cuda_device_without_gpu_is_an_argument_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert "no CUDA GPU is visible" in _error_of(capsys, ["bench", "--device", "cuda"])
+
+
+def test_tiny_bench_runs_and_writes_documented_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", "resnet18", "--batch-size", "1", "--image-size", "64", "--device", "cpu",
+                   "--steps", "1", "--warmup", "0", "--providers", "eager,fused-cpu,fused-cuda", "--quiet",
+                   "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert BENCH_KEYS <= set(data)
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["device"] == "cpu"
+    assert data["config"]["model"] == "resnet18" and data["config"]["modes"] == ["inference", "train"]
+    rows = data["results"]
+    for r in rows:
+        assert ROW_KEYS <= set(r), set(r) ^ ROW_KEYS
+    ran = [r for r in rows if r["status"] != "unavailable"]
+    assert {(r["mode"], r["provider"]) for r in ran} >= {("inference", "eager"), ("train", "eager")}
+    for r in ran:
+        # Every row that ran was verified and timed; a failure shows in the exit status.
+        assert r["status"] == "ok", (r["provider"], r["mode"], r["reason"])
+        assert r["numerics_ok"] and r["max_err"] <= r["err_bound"]
+        assert r["images_per_s"] > 0 and len(r["times_ms"]) == 1
+        assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] > 0
+        assert r["ratio_to_eager"] == pytest.approx(r["images_per_s"] / next(
+            e["images_per_s"] for e in ran if e["mode"] == r["mode"] and e["provider"] == "eager"))
+    # A fused backend that cannot run here is listed with its reason, never replaced.
+    cuda_rows = [r for r in rows if r["provider"] == "fused-cuda"]
+    if not torch.cuda.is_available():
+        assert cuda_rows and all(r["status"] == "unavailable" and r["reason"] for r in cuda_rows)
+        assert "fused-cuda: not run (" in printed
+    assert "verified" in printed and rc == 0
+
+
+def test_verify_cli_passes_on_resnet18(capsys):
+    rc = cli.main(["verify", "--model", "resnet18"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out and "layer4.1" in out and "running stats" in out
+
+
+def _models(corrupt: str | None):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10)
+    verify.randomize_bn_state(tv)
+    fused = fused_resnet.resnet18(num_classes=10)
+    fused.load_state_dict(tv.state_dict())
+    # The reference path: this checks verify's detection and localisation,
+    # whatever state the fused kernels are in (the CLI test covers those).
+    fused.set_backend("reference")
+    if corrupt:
+        with torch.no_grad():
+            dict(fused.named_parameters())[corrupt].view(-1)[0] += 0.05
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.load_state_dict(tv.state_dict())
+    return tv, fused, reference.double()
+
+
+def test_verify_catches_a_corrupted_fused_model_and_locates_it():
+    tv, fused, ref = _models(corrupt="layer3.1.conv1.weight")
+    x = torch.randn(2, 3, 64, 64)
+    result = verify.verify_models(tv, fused, ref, x)
+    assert not result.ok
+    bad = {(c.mode, c.point, c.what) for c in result.failures()}
+    assert ("eval", "layer3.1", "output") in bad and ("train", "layer3.1", "output") in bad
+    assert ("train", "logits", "output") in bad
+    # Everything upstream of the corrupted conv still passes.
+    for c in result.checks:
+        if c.what == "output" and c.point in ("stem", "layer1.0", "layer2.1", "layer3.0"):
+            assert c.ok, c
+    # The same pair without the corruption passes: the failure is the weight, not the harness.
+    tv, fused, ref = _models(corrupt=None)
+    assert verify.verify_models(tv, fused, ref, x).ok
+
+
+def test_peak_memory_sees_an_allocation_inside_the_step():
+    def step():
+        a = torch.ones(4 * 2**20 // 4)  # 4 MiB, freed on return
+        return float(a.sum())
+
+    peak = timing.peak_memory_bytes(step, "cpu")
+    assert peak is not None and 4 * 2**20 <= peak < 16 * 2**20
+
+
+def test_percentiles():
+    assert timing.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert timing.percentile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0], 90) == pytest.approx(10.0)
+
+
+def test_roofline_counts_every_conv_analytically():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 64, 64)
+    layers = roofline.conv_layers(model, x)
+    assert len(layers) == 20  # stem + 16 in blocks + 3 downsample
+    stem = layers[0][0]
+    assert stem.name == "conv1" and stem.out_shape == (2, 64, 32, 32)
+    assert stem.flops == 2 * 2 * 64 * 32 * 32 * 3 * 7 * 7
+    assert stem.min_bytes == 4 * (2 * 3 * 64 * 64 + 64 * 3 * 49 + 2 * 64 * 32 * 32)
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = {"config": {"model": "m", "batch_size": 1, "image_size": 32, "dtype": "fp32", "channels_last": True,
+                         "steps": 1, "warmup": 0},
+              "environment": {"device_name": "cpu", "device": "cpu", "cpu_threads": 1, "torch": "x"},
+              "results": [{"mode": "inference", "provider": "eager", "kind": "eager", "images_per_s": 3.0,
+                           "numerics_ok": True}]}
+    path = tmp_path / "chart.png"
+    assert report.write_plot(result, str(path)) is None
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_check_refuses_without_gpu_and_rejects_unknown_steps(capsys):
+    from fused_resnet import gpu_check
+
+    assert gpu_check.main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == list(gpu_check.STEPS)
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--only", "bench-infer,nosuch"])
+    assert exc.value.code != 0 and "unknown step(s) nosuch" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--only", "info"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err

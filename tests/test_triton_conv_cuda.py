@@ -1,0 +1,100 @@
+"""The Triton conv on a GPU at real ResNet-50 shapes, bf16/fp16/fp32, batch 1
+and 256, against F.conv2d + the reference epilogue by the numerics criterion
+(fp64 reference computed on the CPU from the same inputs). Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_resnet import numerics
+from fused_resnet.ops import reference
+
+pytestmark = pytest.mark.cuda
+
+# (C_in, H, W, C_out, k, stride, padding): ResNet-50 convs (torchvision v1.5:
+# stride on the 3x3), stem to layer4, incl. the downsample 1x1 s2.
+RESNET50 = {
+    "stem_7x7_s2": (3, 224, 224, 64, 7, 2, 3),
+    "l1_1x1_reduce": (256, 56, 56, 64, 1, 1, 0),
+    "l1_3x3": (64, 56, 56, 64, 3, 1, 1),
+    "l1_1x1_expand": (64, 56, 56, 256, 1, 1, 0),
+    "l2_3x3_s2": (128, 56, 56, 128, 3, 2, 1),
+    "l2_downsample_s2": (256, 56, 56, 512, 1, 2, 0),
+    "l3_3x3": (256, 14, 14, 256, 3, 1, 1),
+    "l4_1x1_expand": (512, 7, 7, 2048, 1, 1, 0),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _inputs(name, batch, dtype):
+    ci, h, w, co, k, s, p = RESNET50[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, ci, h, w, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(co, ci, k, k, device="cuda", generator=g) / (ci * k * k) ** 0.5).to(dtype)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    sc = torch.rand(co, device="cuda", generator=g) + 0.5
+    sf = torch.randn(co, device="cuda", generator=g)
+    r = torch.randn(batch, co, oh, ow, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, wt, sc, sf, r, dict(stride=s, padding=p)
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(RESNET50))
+def test_resnet50_shapes(name, dtype, batch):
+    from fused_resnet.triton import launch
+
+    dt = DTYPES[dtype]
+    x, wt, sc, sf, r, conv = _inputs(name, batch, dt)
+    y, s, q = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True)
+    eager = reference.conv2d_bn_act(x, wt, sc, sf, r, True, emit_stats=True, **conv)
+    # fp64 reference on the GPU (cuDNN fp64), compared on the CPU.
+    ref = reference.conv2d_bn_act(x.double(), wt.double(), sc.double(), sf.double(), r.double(), True,
+                                  emit_stats=True, **conv)
+    numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{name} {dtype} N={batch}: y")
+    numerics.assert_close_to_reference(s, eager[1], ref[1], dtype=torch.float32, what="sum")
+    numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=torch.float32, what="sumsq")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_grouped_and_dilated(dtype):
+    from fused_resnet.triton import launch
+
+    dt = DTYPES[dtype]
+    for (ci, co, groups, dil) in [(128, 128, 32, 1), (256, 256, 32, 1), (256, 256, 1, 2)]:
+        x = torch.randn(8, ci, 28, 28, device="cuda").to(dt).contiguous(memory_format=torch.channels_last)
+        wt = (torch.randn(co, ci // groups, 3, 3, device="cuda") / (9 * ci // groups) ** 0.5).to(dt)
+        y, _, _ = launch.conv2d_bn_act(x, wt, None, None, None, False, 1, dil, dil, groups, False)
+        eager = reference.conv2d_bn_act(x, wt, padding=dil, dilation=dil, groups=groups)[0]
+        ref = reference.conv2d_bn_act(x.double(), wt.double(), padding=dil, dilation=dil, groups=groups)[0]
+        numerics.assert_close_to_reference(y, eager, ref, dtype=dt, what=f"groups={groups} dilation={dil}")
+
+
+def test_fp32_respects_the_tf32_flag():
+    from fused_resnet.triton import launch
+
+    x, wt, _, _, _, conv = _inputs("l3_3x3", 4, torch.float32)
+    ref = torch.nn.functional.conv2d(x.double(), wt.double(), **conv)
+    prev = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        ieee = launch.conv2d_bn_act(x, wt, None, None, None, False, 1, 1, 1, 1, False)[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    # TF32 rounds inputs to 10 mantissa bits (~1e-3 relative); IEEE fp32 must be far closer.
+    assert (ieee.double() - ref).abs().max() < 1e-4
+
+
+def test_op_backward_on_gpu():
+    from fused_resnet.ops import conv2d_bn_act
+
+    x, wt, sc, sf, r, conv = _inputs("l3_3x3", 2, torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, wt, sc, sf, r)]
+    y, s, q = conv2d_bn_act(*leaves, relu=True, emit_stats=True, backend="triton", **conv)
+    (y.square().sum() + s.sum() + 0.01 * q.sum()).backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, wt, sc, sf, r)]
+    yr, sr, qr = reference.conv2d_bn_act(*ref_leaves, relu=True, emit_stats=True, **conv)
+    (yr.square().sum() + sr.sum() + 0.01 * qr.sum()).backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-3, atol=2e-3)
