@@ -43,6 +43,7 @@ def native_loaded() -> bool:
     return _native_error is None
 
 
+@torch._dynamo.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if torch.ops.fused_resnet.<op> has a kernel for the dispatch key."""
     if _native_error is not None:
@@ -157,10 +158,17 @@ def get_backend() -> str:
     """The global choice: set_backend(), else $FUSED_RESNET_BACKEND, else 'auto'."""
     if _global_backend is not None:
         return _global_backend
+    return _env_backend()
+
+
+# The answers below depend only on strings, the build and the environment, so
+# torch.compile may fold them to constants (its tracer cannot call into the
+# dispatcher's registry or lru_caches): the blocks then trace with no graph
+# break. A compiled model keeps the backend it was traced with.
+@torch._dynamo.assume_constant_result
+def _env_backend() -> str:
     env = os.environ.get(ENV_VAR)
-    if env:
-        return validate(env)
-    return "auto"
+    return validate(env) if env else "auto"
 
 
 def resolve(name: str | None, device: torch.device) -> str:
@@ -170,8 +178,13 @@ def resolve(name: str | None, device: torch.device) -> str:
     backend runs on the cpu backend), except the triton interpreter, which
     exists precisely to run Triton kernels on CPU tensors."""
     choice = name if name is not None else get_backend()
+    return _resolve_on(choice, device.type)
+
+
+@torch._dynamo.assume_constant_result
+def _resolve_on(choice: str, device_type: str) -> str:
     av = availability()
-    if device.type == "cuda":
+    if device_type == "cuda":
         if choice in ("cuda", "cudnn", "triton", "reference") and (choice == "reference" or av[choice].available):
             return choice
         for cand in ("cuda", "triton"):
@@ -181,7 +194,7 @@ def resolve(name: str | None, device: torch.device) -> str:
     # CPU (and anything else): C++ kernels if built.
     if choice == "reference":
         return "reference"
-    if choice == "triton" and device.type == "cpu" and triton_interpreter_on() and av["triton"].available:
+    if choice == "triton" and device_type == "cpu" and triton_interpreter_on() and av["triton"].available:
         return "triton"
     return "cpu" if av["cpu"].available else "reference"
 

@@ -5,11 +5,13 @@ A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
 - Eval-mode BN (running statistics): BN is folded into the conv (cached, see
   fold.py) and the unit is one convolution with a bias [+ residual] [+ ReLU]
   epilogue: oneDNN's fused post-ops on CPU (prepacked weights), cuDNN + our
-  add_relu kernel on `cuda`, the Triton conv's epilogue on `triton`.
+  add_relu kernel on `cuda`, one cuDNN-frontend graph on `cudnn`, the Triton
+  conv's epilogue on `triton`.
 - Training-mode BN (batch statistics): z = conv(x) through aten (or the Triton
   conv, which also emits the per-channel sums of z and z^2), then
   ops.batch_norm_act: statistics, running-stat update, one fused pass for
   BN + residual + ReLU saving a 1-bit mask, and a fused two-pass backward.
+  (`cudnn` trains like `cuda`: its genstats graph has no autograd yet.)
 
 Anything we cannot reproduce exactly (another norm layer, a non-zero padding
 mode, a block with extra modules) runs the block's reference forward.
@@ -65,7 +67,8 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
     """oneDNN's fused conv post-ops (private aten ops, no autograd): CPU,
     fp32, no gradient wanted, not under autocast or torch.compile."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace the mkldnn query below
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
@@ -73,7 +76,6 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
         and not _fold.needs_grad(conv, bn)
         and not x.requires_grad
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
         and x.dim() == 4
         and x.shape[0] > 0
     )
@@ -113,6 +115,12 @@ def _eval_unit(conv, bn, x, residual, relu, backend):
     if backend == "cpu" and _mkldnn_usable(x, conv, bn):
         return _mkldnn_unit(conv, bn, x, residual, relu)
     w, b = _fold.cached(conv, bn, "fold", lambda: _fold.fold(conv, bn))
+    if backend == "cudnn" and x.device.type == "cuda":
+        from ..ops import cudnn_conv
+
+        return cudnn_conv.conv_bias_act(
+            x, w, b, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
     if backend == "triton" and hasattr(ops, "conv2d_bn_act"):
         y, _, _ = ops.conv2d_bn_act(
             x, w, None, b, residual, relu, conv.stride, conv.padding, conv.dilation, conv.groups, False,
@@ -171,6 +179,10 @@ def _train_unit(conv, bn, x, residual, relu, backend):
 def unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, relu: bool,
          backend: str) -> torch.Tensor:
     """relu?(bn(conv(x)) [+ residual]) with eager's semantics, fused."""
+    if x.dim() != 4:  # nn.BatchNorm2d's own check and text
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    if not x.is_floating_point():
+        raise TypeError(f"fused_resnet: the input must be a floating-point tensor, got {x.dtype}")
     if _uses_batch_stats(bn):
         return _train_unit(conv, bn, x, residual, relu, backend)
     return _eval_unit(conv, bn, x, residual, relu, backend)

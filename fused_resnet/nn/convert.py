@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from . import timm_blocks
 from .blocks import FusedBasicBlock, FusedBottleneck
 
 _BASIC_ATTRS = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
@@ -104,6 +105,8 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
                 setattr(parent, name, _swap_block(child, FusedBasicBlock, backend))
             elif _is_torchvision_block(child, "Bottleneck", _BOTTLENECK_ATTRS):
                 setattr(parent, name, _swap_block(child, FusedBottleneck, backend))
+            elif timm_blocks.try_convert(child, backend):  # timm's blocks are fused in place
+                pass
             else:
                 if type(child).__name__ in ("BasicBlock", "Bottleneck"):
                     skipped.append(f"{path} ({type(child).__module__}.{type(child).__name__})")

@@ -20,3 +20,17 @@ def use_native(op: str, t: torch.Tensor, backend: str | None = None) -> bool:
 
 def native_op(op: str):
     return getattr(torch.ops.fused_resnet, op)
+
+
+def bump_versions(*tensors) -> None:
+    """Mark tensors a native kernel wrote in place as changed.
+
+    The kernels write running statistics through raw pointers, and with no
+    autograd kernel registered nothing bumps their version counters, so
+    version-keyed caches (the BN fold cache) would keep a stale entry.
+    torch.compile functionalises the mutation itself and uses no such cache."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)

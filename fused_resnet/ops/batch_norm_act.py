@@ -23,7 +23,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._dispatch import native_op, use_native
+from ._dispatch import bump_versions, native_op, use_native
 
 
 # Dispatch decisions depend only on strings and the build, so torch.compile
@@ -117,7 +117,9 @@ def _check_batch_size(z: torch.Tensor) -> None:
 
 def _finalize(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps, backend):
     if _native("bn_finalize", mean.device.type, backend):
-        return native_op("bn_finalize")(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps)
+        out = native_op("bn_finalize")(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps)
+        bump_versions(rm, rv)
+        return out
     return reference.bn_finalize(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps)
 
 
@@ -181,6 +183,14 @@ def batch_norm_act(
             else:
                 mean, var = batch_mean.detach().to(acc), batch_var.detach().to(acc)
             update = training and running_mean is not None
+            if z.numel() == 0:
+                # aten's batch_norm leaves the running statistics untouched
+                # for an empty batch (the module still counts it); the mean
+                # of nothing would write NaN into them.
+                if update and num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                update = False
+                mean, var = torch.zeros_like(mean), torch.zeros_like(var)
             scale, shift, invstd = _finalize(
                 mean, var, count, weight, bias,
                 running_mean if update else None, running_var if update else None,

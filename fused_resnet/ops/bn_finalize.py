@@ -7,7 +7,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._dispatch import native_op, use_native
+from ._dispatch import bump_versions, native_op, use_native
 
 if _backend.native_loaded():
 
@@ -47,7 +47,9 @@ def bn_finalize(
     owns the gradient of the whole BatchNorm.
     """
     if use_native("bn_finalize", mean, backend):
-        return native_op("bn_finalize")(mean, var, count, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, momentum, eps)
+        out = native_op("bn_finalize")(mean, var, count, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps)
+        bump_versions(running_mean, running_var)
+        return out
     return reference.bn_finalize(mean, var, count, weight, bias, running_mean, running_var,
                                  num_batches_tracked, momentum, eps)

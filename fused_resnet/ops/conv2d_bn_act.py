@@ -153,6 +153,28 @@ def _backward(ctx, gy, gsum, gsumsq):
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
 
+def _check_tensors(x, weight, residual, stride, padding, dilation) -> None:
+    # aten's own messages for these name no argument (or, for a 3-D x, it
+    # silently runs an unbatched conv), so say which one is wrong here.
+    if x.dim() != 4:
+        raise ValueError(f"conv2d_bn_act: `x` must be 4-D (N, C_in, H, W), got shape {list(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d_bn_act: `weight` must be 4-D (C_out, C_in / groups, KH, KW), "
+                         f"got shape {list(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"conv2d_bn_act: `x` must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv2d_bn_act: `weight` has dtype {weight.dtype} but `x` has {x.dtype}; expected the same")
+    if weight.device != x.device:
+        raise ValueError(f"conv2d_bn_act: `weight` is on {weight.device} but `x` is on {x.device}; expected the same")
+    if residual is not None:
+        oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
+        want = [x.shape[0], weight.shape[0], oh, ow]
+        if list(residual.shape) != want:
+            raise ValueError(f"conv2d_bn_act: `residual` must have the output's shape {want}, "
+                             f"got {list(residual.shape)}")
+
+
 def _use_triton_op(backend: str | None, x: torch.Tensor) -> bool:
     choice = backend.strip().lower() if backend is not None else _backend.get_backend()
     if choice == "reference":
@@ -205,6 +227,7 @@ def conv2d_bn_act(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"conv2d_bn_act: `groups` must be a positive int, got {groups!r}")
+    _check_tensors(x, weight, residual, stride, padding, dilation)
     if not _use_triton_op(backend, x):
         return reference.conv2d_bn_act(x, weight, scale, shift, residual, bool(relu), stride, padding, dilation,
                                        groups, bool(emit_stats))

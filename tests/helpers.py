@@ -1,0 +1,76 @@
+"""Shared helpers for the ecosystem tests: build a fused model, an eager
+torchvision twin and an fp64 reference with identical weights, and compare
+them with the numerics criterion (fused_resnet.numerics)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+
+import fused_resnet
+from fused_resnet import numerics
+
+
+def randomise_bn(model: torch.nn.Module) -> None:
+    # Non-trivial BN parameters and running stats, so a wrong fold or a
+    # dropped affine shows up in the outputs.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+
+
+def make_trio(name: str = "resnet18", device: str = "cpu"):
+    """(fused, eager, fp64 reference) torchvision-style models, same weights."""
+    torch.manual_seed(0)
+    eager = getattr(torchvision.models, name)(num_classes=10)
+    randomise_bn(eager)
+    fused = fused_resnet.MODEL_BUILDERS[name](num_classes=10)
+    fused.load_state_dict(eager.state_dict())
+    ref = copy.deepcopy(eager).double()
+    return fused.to(device), eager.to(device), ref
+
+
+def check_grads(fused, eager, ref, what: str) -> None:
+    """Normwise over every parameter gradient (ReLU ties make an elementwise
+    max a lottery across a whole fp32 network)."""
+    fp, ep, rp = (list(m.named_parameters()) for m in (fused, eager, ref))
+    for name, p in fp:
+        assert p.grad is not None, f"{what}: no gradient for {name}"
+    v = numerics.compare_normwise([p.grad for _, p in fp], [p.grad for _, p in ep], [p.grad for _, p in rp])
+    assert v.ok, f"{what}: parameter gradients outside the criterion: {v}"
+
+
+def check_buffers(fused, eager, ref, what: str) -> None:
+    for (name, bf), (_, be), (_, br) in zip(fused.named_buffers(), eager.named_buffers(), ref.named_buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(bf.cpu(), be.cpu()), f"{what}: {name}"
+        else:
+            numerics.assert_close_to_reference(bf, be, br, what=f"{what}: {name}")
+
+
+def forward_backward(model, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    y = model(x.to(next(model.parameters()).dtype))
+    y.backward(grad.to(y.dtype))
+    return y
+
+
+def compare_step(fused, eager, ref, x: torch.Tensor, train: bool, what: str, backward: bool = True) -> None:
+    """One forward (and backward) of each model; fused vs eager vs fp64."""
+    for m in (fused, eager, ref):
+        m.train(train)
+    yf, ye, yr = fused(x), eager(x), ref(x.detach().cpu().double())
+    numerics.assert_close_to_reference(yf, ye, yr, what=f"{what}: logits")
+    if backward:
+        g = torch.randn(yr.shape, dtype=torch.float64)
+        yf.backward(g.to(yf.device, yf.dtype))
+        ye.backward(g.to(ye.device, ye.dtype))
+        yr.backward(g)
+        check_grads(fused, eager, ref, what)
+    check_buffers(fused, eager, ref, what)
