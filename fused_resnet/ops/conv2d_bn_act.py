@@ -21,29 +21,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _conv_args
 from . import reference
 
 _OP = "fused_resnet::conv2d_bn_act"
 
 
 def _pair(v, what: str) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    t = [int(e) for e in v]
-    if len(t) == 1:
-        return t * 2
-    if len(t) != 2:
-        raise ValueError(f"conv2d_bn_act: `{what}` must be an int or a pair of ints, got {v!r}")
-    return t
+    return _conv_args.pair(v, what, "conv2d_bn_act")
 
 
-def _out_hw(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
-    h, w = x_shape[2], x_shape[3]
-    kh, kw = w_shape[2], w_shape[3]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
+_out_hw = _conv_args.out_hw
 
 
 def _triton_runs(x: torch.Tensor) -> bool:

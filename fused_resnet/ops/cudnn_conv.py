@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, _conv_args
 from . import reference
 
 __all__ = [
@@ -48,20 +48,11 @@ def built() -> bool:
 
 
 def _pair(v, what: str) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    t = [int(e) for e in v]
-    if len(t) == 1:
-        t = t * 2
-    if len(t) != 2:
-        raise ValueError(f"fused_resnet.cudnn: `{what}` must be an int or a pair of ints, got {v!r}")
-    return t
+    return _conv_args.pair(v, what, "fused_resnet.cudnn")
 
 
 def _out_shape(x_shape, w_shape, stride, padding, dilation):
-    hw = [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1
-          for d in range(2)]
-    return (x_shape[0], w_shape[0], hw[0], hw[1])
+    return (x_shape[0], w_shape[0], *_conv_args.out_hw(x_shape, w_shape, stride, padding, dilation))
 
 
 def _runs_native(x: torch.Tensor) -> bool:

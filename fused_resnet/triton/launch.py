@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 import triton
 
+from .. import _conv_args
 from . import autotune_cache, conv_configs
 from .conv2d_fwd import KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel
 
@@ -27,21 +28,6 @@ FLAT_K_BELOW_CIN_G = 32
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(e) for e in v)
-    if len(t) == 1:
-        return (t[0], t[0])
-    if len(t) != 2:
-        raise ValueError(f"conv2d_bn_act: `{what}` must be an int or a pair of ints, got {v!r}")
-    return t
-
-
-def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
 # ---------------------------------------------------------------- weights
@@ -148,9 +134,9 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
         raise TypeError(f"conv2d_bn_act: `weight` has dtype {weight.dtype}, expected x's dtype {x.dtype}")
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv2d_bn_act: `x` and `weight` must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = _conv_args.pair(stride, "stride", "conv2d_bn_act")
+    ph, pw = _conv_args.pair(padding, "padding", "conv2d_bn_act")
+    dh, dw = _conv_args.pair(dilation, "dilation", "conv2d_bn_act")
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
@@ -158,7 +144,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
                          f"and groups={groups} (expected ({c_out}, {c_in // max(groups, 1)}, KH, KW) with "
                          f"channels divisible by groups)")
     cout_g = c_out // groups
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    oh, ow = _conv_args.out_hw(x.shape, weight.shape, (sh, sw), (ph, pw), (dh, dw))
     if oh <= 0 or ow <= 0:
         raise ValueError(f"conv2d_bn_act: output would be empty ({oh}x{ow}) for input {h}x{w}, kernel {kh}x{kw}")
     dev = x.device
