@@ -23,22 +23,9 @@ import torch
 
 from .. import _backend
 from . import reference
-from ._dispatch import bump_versions, native_op, use_native
-
-
-# Dispatch decisions depend only on strings and the build, so torch.compile
-# may fold them to constants (its tracer cannot call into the dispatcher's
-# registry itself).
-@torch._dynamo.assume_constant_result
-def _resolve(backend: str | None, device: str) -> str:
-    return _backend.resolve(backend, torch.device(device))
-
-
-@torch._dynamo.assume_constant_result
-def _native(op: str, device_type: str, chosen: str) -> bool:
-    if chosen == "reference":
-        return False
-    return _backend.has_kernel(op, "CUDA" if device_type == "cuda" else "CPU")
+from ._dispatch import native_op, use_native
+from .bn_finalize import bn_finalize
+from .bn_stats import bn_stats
 
 
 def _apply(z, scale, shift, residual, relu, backend):
@@ -115,14 +102,6 @@ def _check_batch_size(z: torch.Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
 
 
-def _finalize(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps, backend):
-    if _native("bn_finalize", mean.device.type, backend):
-        out = native_op("bn_finalize")(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps)
-        bump_versions(rm, rv)
-        return out
-    return reference.bn_finalize(mean, var, count, weight, bias, rm, rv, nbt, momentum, eps)
-
-
 def batch_norm_act(
     z: torch.Tensor,
     weight: torch.Tensor | None,
@@ -168,7 +147,7 @@ def batch_norm_act(
     fp32 for fp16/bf16 z (autocast). Raises ValueError, as F.batch_norm does,
     for a single value per channel when using batch statistics.
     """
-    chosen = _resolve(backend, str(z.device))
+    chosen = _backend.resolve(backend, z.device)
     use_batch = training or (running_mean is None and running_var is None)
     acc = reference.stat_dtype(z.dtype)
     count = math.prod(z.shape) // z.shape[1] if z.dim() >= 2 and z.shape[1] else 0
@@ -176,10 +155,7 @@ def batch_norm_act(
         if use_batch:
             _check_batch_size(z)
             if batch_mean is None or batch_var is None:
-                if _native("bn_stats", z.device.type, chosen):
-                    mean, var = native_op("bn_stats")(z.detach())
-                else:
-                    mean, var = reference.bn_stats(z.detach())
+                mean, var = bn_stats(z.detach(), backend=chosen)
             else:
                 mean, var = batch_mean.detach().to(acc), batch_var.detach().to(acc)
             update = training and running_mean is not None
@@ -191,13 +167,13 @@ def batch_norm_act(
                     num_batches_tracked.add_(1)
                 update = False
                 mean, var = torch.zeros_like(mean), torch.zeros_like(var)
-            scale, shift, invstd = _finalize(
+            scale, shift, invstd = bn_finalize(
                 mean, var, count, weight, bias,
                 running_mean if update else None, running_var if update else None,
-                num_batches_tracked if update else None, momentum, eps, chosen)
+                num_batches_tracked if update else None, momentum, eps, backend=chosen)
         else:
             mean = running_mean.to(acc)
-            scale, shift, invstd = _finalize(
-                mean, running_var.to(acc), count, weight, bias, None, None, None, momentum, eps, chosen)
+            scale, shift, invstd = bn_finalize(
+                mean, running_var.to(acc), count, weight, bias, None, None, None, momentum, eps, backend=chosen)
     y, _ = _batch_norm_act_op(z, weight, bias, residual, mean, invstd, scale, shift, relu, use_batch, chosen)
     return y
