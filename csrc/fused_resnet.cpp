@@ -62,6 +62,18 @@ TORCH_LIBRARY(fused_resnet, m) {
       "bool batch_stats, bool need_residual_grad) -> (Tensor dz, Tensor dresidual, Tensor dweight, "
       "Tensor dbias)");
 
+  // bn_backward split for synchronised BatchNorm, where the per-channel sums
+  // are all-reduced across processes between the two passes:
+  // sum_dy = sum dy', sum_dy_xhat = sum dy' * xhat (this process's dbias and
+  // dweight); then dz = weight * invstd * (dy' - (sum_dy + xhat * sum_dy_xhat)
+  // / count) with the global sums and count, and dresidual = dy'.
+  m.def(
+      "bn_backward_reduce(Tensor dy, Tensor z, Tensor mask, Tensor mean, Tensor invstd) -> (Tensor sum_dy, "
+      "Tensor sum_dy_xhat)");
+  m.def(
+      "bn_backward_elemt(Tensor dy, Tensor z, Tensor mask, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor sum_dy, Tensor sum_dy_xhat, int count, bool need_residual_grad) -> (Tensor dz, Tensor dresidual)");
+
   // ---- cudnn backend (csrc/cudnn/; kernels exist only when the cuDNN frontend
   // headers were found at build time). Conv operands are N, C, H, W in any
   // layout; outputs are channels_last; per-channel vectors are (C,) in fp32 or

@@ -2,8 +2,7 @@
 (loopback). Each rank trains the fused model and torchvision's eager model
 under DDP on its own shard; the all-reduced gradients and the updated
 running statistics of the two must agree (numerics criterion, against an
-fp64 eager DDP run). Synchronised BatchNorm (convert_sync_batchnorm) is not
-implemented yet."""
+fp64 eager DDP run). Synchronised BatchNorm: tests/test_sync_batchnorm.py."""
 
 import os
 import socket

@@ -240,40 +240,37 @@ void grad_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_t 
   });
 }
 
+// Pass 1 for the whole tensor: sg = sum g, sx = sum g * (z - mean) per channel.
 template <typename scalar_t, typename grad_t>
-void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const Layout& l,
-                   const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool batch_stats,
-                   at::Tensor& dz, at::Tensor& dres, at::Tensor& dweight, at::Tensor& dbias) {
-  using acc_t = at::opmath_type<scalar_t>;
+void reduce_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const Layout& l,
+                 const at::Tensor& mean, at::opmath_type<scalar_t>* sg, at::opmath_type<scalar_t>* sx) {
+  const grad_t* dyp = dy.const_data_ptr<grad_t>();
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const bool has_mask = mask.numel() > 0;
+  const uint8_t* mp = has_mask ? mask.const_data_ptr<uint8_t>() : nullptr;
+  const auto* meanp = mean.const_data_ptr<at::opmath_type<scalar_t>>();
+  if (has_mask) reduce_all<scalar_t, grad_t, true>(dyp, zp, mp, mask.numel(), l, meanp, sg, sx);
+  else reduce_all<scalar_t, grad_t, false>(dyp, zp, mp, mask.numel(), l, meanp, sg, sx);
+}
+
+// Pass 2 for the whole tensor with per-channel coefficients:
+// dz = A*g [+ B*(z - mean) + D when kStats], dres = g when dres is defined.
+template <typename scalar_t, typename grad_t>
+void grad_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const Layout& l,
+               const at::Tensor& mean, const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
+               const at::opmath_type<scalar_t>* D, bool batch_stats, at::Tensor& dz, at::Tensor& dres) {
   const grad_t* dyp = dy.const_data_ptr<grad_t>();
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   const bool has_mask = mask.numel() > 0;
   const uint8_t* mp = has_mask ? mask.const_data_ptr<uint8_t>() : nullptr;
   const int64_t nbytes = mask.numel();
-  const acc_t* meanp = mean.const_data_ptr<acc_t>();
-  const acc_t* isp = invstd.const_data_ptr<acc_t>();
-  const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  acc_t* dwp = dweight.mutable_data_ptr<acc_t>();
-  acc_t* dbp = dbias.mutable_data_ptr<acc_t>();
-  const int64_t C = l.C;
-  std::vector<acc_t> sx(C);
-  if (has_mask) reduce_all<scalar_t, grad_t, true>(dyp, zp, mp, nbytes, l, meanp, dbp, sx.data());
-  else reduce_all<scalar_t, grad_t, false>(dyp, zp, mp, nbytes, l, meanp, dbp, sx.data());
-
-  std::vector<acc_t> A(C), B(C), D(C);
-  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(l.count());
-  for (int64_t c = 0; c < C; ++c) {
-    dwp[c] = sx[c] * isp[c];
-    A[c] = (wp ? wp[c] : acc_t(1)) * isp[c];
-    B[c] = batch_stats ? -A[c] * isp[c] * dwp[c] * inv_m : acc_t(0);
-    D[c] = batch_stats ? -A[c] * dbp[c] * inv_m : acc_t(0);
-  }
+  const auto* meanp = mean.const_data_ptr<at::opmath_type<scalar_t>>();
   scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
   grad_t* drp = dres.defined() ? dres.mutable_data_ptr<grad_t>() : nullptr;
   // Dispatch the three flags to compile-time constants.
   auto go = [&](auto kMask, auto kStats, auto kRes) {
     grad_all<scalar_t, grad_t, decltype(kMask)::value, decltype(kStats)::value, decltype(kRes)::value>(
-        dyp, zp, mp, nbytes, l, A.data(), B.data(), D.data(), meanp, dzp, drp);
+        dyp, zp, mp, nbytes, l, A, B, D, meanp, dzp, drp);
   };
   using T = std::true_type;
   using F = std::false_type;
@@ -287,26 +284,65 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
   }
 }
 
+// Pass 2's coefficients from the sums over `count` values per channel:
+// A = w * invstd, B = -A * invstd * dweight / count, D = -A * dbias / count,
+// with dbias = sum g and dweight = sum g * xhat (zero B, D without batch stats).
+template <typename acc_t>
+void grad_coefficients(int64_t C, const acc_t* invstd, const acc_t* w, const acc_t* dbias, const acc_t* dweight,
+                       double count, bool batch_stats, acc_t* A, acc_t* B, acc_t* D) {
+  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(count);
+  for (int64_t c = 0; c < C; ++c) {
+    A[c] = (w ? w[c] : acc_t(1)) * invstd[c];
+    B[c] = batch_stats ? -A[c] * invstd[c] * dweight[c] * inv_m : acc_t(0);
+    D[c] = batch_stats ? -A[c] * dbias[c] * inv_m : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename grad_t>
+void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const Layout& l,
+                   const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool batch_stats,
+                   at::Tensor& dz, at::Tensor& dres, at::Tensor& dweight, at::Tensor& dbias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* isp = invstd.const_data_ptr<acc_t>();
+  acc_t* dwp = dweight.mutable_data_ptr<acc_t>();
+  acc_t* dbp = dbias.mutable_data_ptr<acc_t>();
+  const int64_t C = l.C;
+  std::vector<acc_t> sx(C);
+  reduce_impl<scalar_t, grad_t>(dy, z, mask, l, mean, dbp, sx.data());
+  for (int64_t c = 0; c < C; ++c) dwp[c] = sx[c] * isp[c];
+  std::vector<acc_t> A(C), B(C), D(C);
+  grad_coefficients<acc_t>(C, isp, weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr, dbp, dwp,
+                           static_cast<double>(l.count()), batch_stats, A.data(), B.data(), D.data());
+  grad_impl<scalar_t, grad_t>(dy, z, mask, l, mean, A.data(), B.data(), D.data(), batch_stats, dz, dres);
+}
+
+// The checks shared by the backward ops.
+void check_backward_args(const char* op, const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask,
+                         const at::Tensor& mean, const at::Tensor& invstd, const c10::optional<at::Tensor>& weight) {
+  check_z(z, op);
+  const int64_t C = z.size(1);
+  check_cpu(dy, op, "dy");
+  check_floating(dy, "dy");
+  check_same_shape(z, "z", dy, "dy");
+  check_channel_vec(mean, op, "mean", C);
+  check_channel_vec(invstd, op, "invstd", C);
+  if (weight.has_value()) check_channel_vec(*weight, op, "weight", C);
+  check_cpu(mask, op, "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_resnet.", op, ": `mask` must be uint8, got ",
+              mask.scalar_type());
+  const int64_t n = z.numel();
+  TORCH_CHECK(mask.numel() == 0 || (mask.dim() == 1 && mask.numel() == (n + 7) / 8), "fused_resnet.", op,
+              ": `mask` must be empty (no ReLU) or hold ceil(numel(z) / 8) = ", (n + 7) / 8, " bytes, got shape ",
+              mask.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& mask, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool batch_stats, bool need_residual_grad) {
-  check_z(z_in, "bn_backward");
+  check_backward_args("bn_backward", dy_in, z_in, mask, mean, invstd, weight);
   const int64_t C = z_in.size(1);
-  check_cpu(dy_in, "bn_backward", "dy");
-  check_floating(dy_in, "dy");
-  check_same_shape(z_in, "z", dy_in, "dy");
   const auto st = stat_type(z_in.scalar_type());
-  check_channel_vec(mean, "bn_backward", "mean", C);
-  check_channel_vec(invstd, "bn_backward", "invstd", C);
-  if (weight.has_value()) check_channel_vec(*weight, "bn_backward", "weight", C);
-  check_cpu(mask, "bn_backward", "mask");
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_resnet.bn_backward: `mask` must be uint8, got ",
-              mask.scalar_type());
   const int64_t n = z_in.numel();
-  TORCH_CHECK(mask.numel() == 0 || (mask.dim() == 1 && mask.numel() == (n + 7) / 8),
-              "fused_resnet.bn_backward: `mask` must be empty (no ReLU) or hold ceil(numel(z) / 8) = ", (n + 7) / 8,
-              " bytes, got shape ", mask.sizes());
-
   const auto fmt = compute_format(z_in);
   const at::Tensor z = z_in.contiguous(fmt);
   const Layout l = layout_of(z, fmt);
@@ -344,10 +380,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
   return {dz, dres, dweight, dbias};
 }
 
+// Synchronised BatchNorm's backward, split at the point where the per-channel
+// sums are all-reduced across processes (nn.SyncBatchNorm's
+// batch_norm_backward_reduce / _elemt): pass 1 alone, then pass 2 alone with
+// sums and a count that cover every process's batch.
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& dy_in, const at::Tensor& z_in,
+                                                          const at::Tensor& mask, const at::Tensor& mean,
+                                                          const at::Tensor& invstd) {
+  check_backward_args("bn_backward_reduce", dy_in, z_in, mask, mean, invstd, c10::nullopt);
+  const int64_t C = z_in.size(1);
+  const auto st = stat_type(z_in.scalar_type());
+  const auto fmt = compute_format(z_in);
+  const at::Tensor z = z_in.contiguous(fmt);
+  const Layout l = layout_of(z, fmt);
+  const at::Tensor mk = mask.contiguous();
+  const at::Tensor mn = mean.to(st).contiguous();
+  const at::Tensor is = invstd.to(st).contiguous();
+  const bool same = dy_in.scalar_type() == z.scalar_type();
+  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
+  at::Tensor sum_dy = at::zeros({C}, z.options().dtype(st));
+  at::Tensor sum_dy_xhat = at::zeros({C}, z.options().dtype(st));
+  if (z.numel() == 0) return {sum_dy, sum_dy_xhat};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* sg = sum_dy.mutable_data_ptr<acc_t>();
+    acc_t* sx = sum_dy_xhat.mutable_data_ptr<acc_t>();
+    if (same) reduce_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, sg, sx);
+    else reduce_impl<scalar_t, acc_t>(dy, z, mk, l, mn, sg, sx);
+    const acc_t* isp = is.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) sx[c] *= isp[c];
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(const at::Tensor& dy_in, const at::Tensor& z_in,
+                                                         const at::Tensor& mask, const at::Tensor& mean,
+                                                         const at::Tensor& invstd,
+                                                         const c10::optional<at::Tensor>& weight,
+                                                         const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
+                                                         int64_t count, bool need_residual_grad) {
+  check_backward_args("bn_backward_elemt", dy_in, z_in, mask, mean, invstd, weight);
+  const int64_t C = z_in.size(1);
+  check_channel_vec(sum_dy, "bn_backward_elemt", "sum_dy", C);
+  check_channel_vec(sum_dy_xhat, "bn_backward_elemt", "sum_dy_xhat", C);
+  TORCH_CHECK(count > 0 || z_in.numel() == 0, "fused_resnet.bn_backward_elemt: `count` (values per channel over "
+              "every process) must be positive, got ", count);
+  const auto st = stat_type(z_in.scalar_type());
+  const auto fmt = compute_format(z_in);
+  const at::Tensor z = z_in.contiguous(fmt);
+  const Layout l = layout_of(z, fmt);
+  const at::Tensor mk = mask.contiguous();
+  const at::Tensor mn = mean.to(st).contiguous();
+  const at::Tensor is = invstd.to(st).contiguous();
+  const at::Tensor w = weight.has_value() ? weight->to(st).contiguous() : at::Tensor();
+  const at::Tensor sg = sum_dy.to(st).contiguous();
+  const at::Tensor sx = sum_dy_xhat.to(st).contiguous();
+  const bool same = dy_in.scalar_type() == z.scalar_type();
+  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
+  at::Tensor dz = at::empty_like(z, z.options(), fmt);
+  at::Tensor dres = need_residual_grad ? at::empty_like(dy, dy.options(), fmt) : at::Tensor();
+  if (z.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_elemt_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t> A(C), B(C), D(C);
+      grad_coefficients<acc_t>(C, is.const_data_ptr<acc_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                               sg.const_data_ptr<acc_t>(), sx.const_data_ptr<acc_t>(), static_cast<double>(count),
+                               true, A.data(), B.data(), D.data());
+      if (same) grad_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, A.data(), B.data(), D.data(), true, dz, dres);
+      else grad_impl<scalar_t, acc_t>(dy, z, mk, l, mn, A.data(), B.data(), D.data(), true, dz, dres);
+    });
+  }
+  if (!need_residual_grad) {
+    dres = at::empty({0}, dy_in.options());
+  } else if (!same) {
+    dres = dres.to(dy_in.scalar_type());
+  }
+  return {dz, dres};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("bn_backward", &bn_backward_cpu);
+  m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
+  m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
 }
 
 }  // namespace bn

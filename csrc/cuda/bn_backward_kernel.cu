@@ -327,16 +327,16 @@ void launch_grad(const Args& a, bool vec) {
       vec);
 }
 
+// Pass 1 and the combine: dbias, dweight and pass 2's coefficients.
 template <typename T, typename D>
-void launch_typed(const Args& a) {
+void launch_pass1(const Args& a) {
   using A = typename AccOf<T>::type;
   constexpr bool kSame = std::is_same<T, D>::value;
   constexpr int kVec = 16 / sizeof(T);
   const BnShape& s = a.s;
   const bool aligned = aligned16(a.dy) && aligned16(a.z);
   const bool rows = s.inner == 1;
-
-  // Pass 1. Mixed dy/z dtypes are rare: scalar lanes serve them.
+  // Mixed dy/z dtypes are rare: scalar lanes serve them.
   const bool lanes = kSame && aligned && (rows ? s.channels % kVec == 0 : s.inner % kVec == 0);
   const BnReducePlan p = bn_reduce_plan(s, lanes ? kVec : 1, a.num_sms);
   A* pg = static_cast<A*>(a.partials);
@@ -354,9 +354,16 @@ void launch_typed(const Args& a) {
       pg, pgx, p.partials, s.channels, static_cast<const A*>(a.invstd), static_cast<const A*>(a.weight),
       a.batch_stats, static_cast<A>(s.outer * s.inner), static_cast<A*>(a.dweight), static_cast<A*>(a.dbias),
       static_cast<A*>(a.coef));
+}
 
-  // Pass 2.
-  const bool vec = aligned && aligned16(a.dz) && (a.dres == nullptr || aligned16(a.dres));
+// Pass 2 from the coefficients in a.coef.
+template <typename T, typename D>
+void launch_pass2(const Args& a) {
+  using A = typename AccOf<T>::type;
+  constexpr bool kSame = std::is_same<T, D>::value;
+  const BnShape& s = a.s;
+  const bool rows = s.inner == 1;
+  const bool vec = aligned16(a.dy) && aligned16(a.z) && aligned16(a.dz) && (a.dres == nullptr || aligned16(a.dres));
   if constexpr (kSame) {
     if (rows && s.channels % kGroup == 0 && aligned16(a.mean) && aligned16(a.coef) &&
         (s.channels * sizeof(A)) % 16 == 0) {
@@ -371,14 +378,35 @@ void launch_typed(const Args& a) {
   launch_grad<T, D, static_cast<int>(ChannelMode::kWalk)>(a, vec);
 }
 
+// Which passes a launch runs.
+enum class Passes { kBoth, kReduce, kElemt };
+
+template <typename T, typename D>
+void launch_typed(const Args& a, Passes passes) {
+  if (passes != Passes::kElemt) launch_pass1<T, D>(a);
+  if (passes != Passes::kReduce) launch_pass2<T, D>(a);
+}
+
 template <typename T>
-void launch_dy(DType dy_dtype, const Args& a) {
+void launch_dy(DType dy_dtype, const Args& a, Passes passes) {
   switch (dy_dtype) {
-    case DType::kFloat32: launch_typed<T, float>(a); break;
-    case DType::kFloat64: launch_typed<T, double>(a); break;
-    case DType::kFloat16: launch_typed<T, __half>(a); break;
-    case DType::kBFloat16: launch_typed<T, __nv_bfloat16>(a); break;
+    case DType::kFloat32: launch_typed<T, float>(a, passes); break;
+    case DType::kFloat64: launch_typed<T, double>(a, passes); break;
+    case DType::kFloat16: launch_typed<T, __half>(a, passes); break;
+    case DType::kBFloat16: launch_typed<T, __nv_bfloat16>(a, passes); break;
   }
+}
+
+cudaError_t launch_all(DType z_dtype, DType dy_dtype, const Args& a, Passes passes) {
+  // The glue returns zeros for empty inputs; nothing to launch.
+  if (a.s.numel() == 0) return cudaSuccess;
+  switch (z_dtype) {
+    case DType::kFloat32: launch_dy<float>(dy_dtype, a, passes); break;
+    case DType::kFloat64: launch_dy<double>(dy_dtype, a, passes); break;
+    case DType::kFloat16: launch_dy<__half>(dy_dtype, a, passes); break;
+    case DType::kBFloat16: launch_dy<__nv_bfloat16>(dy_dtype, a, passes); break;
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -387,17 +415,27 @@ cudaError_t bn_backward_launch(DType z_dtype, DType dy_dtype, const void* dy, co
                                const void* mean, const void* invstd, const void* weight, bool batch_stats,
                                void* partials, void* coef, void* dz, void* dresidual, void* dweight, void* dbias,
                                BnShape shape, int num_sms, cudaStream_t stream) {
-  // The glue returns zeros for empty inputs; nothing to launch.
-  if (shape.numel() == 0) return cudaSuccess;
   const Args a{dy,      z,    mask, mean,      invstd,  weight, batch_stats, partials,
                coef,    dz,   dresidual, dweight, dbias, shape,  num_sms,     stream};
-  switch (z_dtype) {
-    case DType::kFloat32: launch_dy<float>(dy_dtype, a); break;
-    case DType::kFloat64: launch_dy<double>(dy_dtype, a); break;
-    case DType::kFloat16: launch_dy<__half>(dy_dtype, a); break;
-    case DType::kBFloat16: launch_dy<__nv_bfloat16>(dy_dtype, a); break;
-  }
-  return cudaGetLastError();
+  return launch_all(z_dtype, dy_dtype, a, Passes::kBoth);
+}
+
+cudaError_t bn_backward_reduce_launch(DType z_dtype, DType dy_dtype, const void* dy, const void* z,
+                                      const uint8_t* mask, const void* mean, const void* invstd, void* partials,
+                                      void* coef, void* sum_dy, void* sum_dy_xhat, BnShape shape, int num_sms,
+                                      cudaStream_t stream) {
+  // The combine's dbias/dweight are exactly sum dy' and sum dy' * xhat.
+  const Args a{dy,      z,       mask,    mean,        invstd, nullptr, false,   partials,
+               coef,    nullptr, nullptr, sum_dy_xhat, sum_dy, shape,   num_sms, stream};
+  return launch_all(z_dtype, dy_dtype, a, Passes::kReduce);
+}
+
+cudaError_t bn_backward_elemt_launch(DType z_dtype, DType dy_dtype, const void* dy, const void* z,
+                                     const uint8_t* mask, const void* mean, const void* coef, void* dz,
+                                     void* dresidual, BnShape shape, int num_sms, cudaStream_t stream) {
+  const Args a{dy,      z,  mask,      mean,    nullptr, nullptr, true,    nullptr,
+               const_cast<void*>(coef), dz, dresidual, nullptr, nullptr, shape,   num_sms, stream};
+  return launch_all(z_dtype, dy_dtype, a, Passes::kElemt);
 }
 
 }  // namespace fused_resnet

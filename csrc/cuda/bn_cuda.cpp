@@ -1,5 +1,5 @@
 // CUDA dispatch of the BatchNorm ops (bn_stats, bn_finalize, bn_apply,
-// bn_backward): argument checks, layout, allocation through torch, then the
+// bn_backward and its split halves): argument checks, layout, allocation through torch, then the
 // torch-free launchers of bn_*_kernel.cu on the current stream. One file for
 // the four ops because every torch-header translation unit costs ~50 s to
 // build. Nothing here synchronises with the host (CUDA-graph safe).
@@ -164,49 +164,118 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cuda(const at::Tensor& z, const at::
   return {y, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cuda(
-    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool batch_stats, bool need_residual_grad) {
-  check_input(z, "bn_backward", "z");
+// The operands every backward op shares, checked and laid out like z.
+struct BackwardOperands {
+  at::Tensor zc, dyc, mc, mu, is;
+  BnShape s;
+  at::ScalarType acc;
+  at::MemoryFormat fmt;
+};
+
+BackwardOperands backward_operands(const char* op, const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask,
+                                   const at::Tensor& mean, const at::Tensor& invstd) {
+  check_input(z, op, "z");
   check_floating(dy, "dy");
   check_same_device(z, "z", dy, "dy");
   check_same_shape(z, "z", dy, "dy");
   check_same_device(z, "z", mask, "mask");
   const int64_t n = z.numel();
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_resnet.bn_backward: `mask` must be uint8, got ",
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "fused_resnet.", op, ": `mask` must be uint8, got ",
               mask.scalar_type());
-  TORCH_CHECK(mask.numel() == 0 || mask.numel() == (n + 7) / 8, "fused_resnet.bn_backward: `mask` must be empty (no "
+  TORCH_CHECK(mask.numel() == 0 || mask.numel() == (n + 7) / 8, "fused_resnet.", op, ": `mask` must be empty (no "
               "ReLU) or hold ceil(numel(z) / 8) = ", (n + 7) / 8, " bytes, got ", mask.numel());
-  const c10::cuda::CUDAGuard guard(z.device());
-  const auto fmt = compute_format(z);
-  const at::Tensor zc = z.contiguous(fmt);
+  BackwardOperands o;
+  o.fmt = compute_format(z);
+  o.zc = z.contiguous(o.fmt);
   // dy and the mask follow z's memory order.
-  const at::Tensor dyc = dy.contiguous(fmt);
-  const at::Tensor mc = mask.contiguous();
-  const BnShape s = shape_of(zc, fmt);
-  const auto acc = stat_type(z.scalar_type());
-  const at::Tensor mu = per_channel(mean, z, s.channels, acc, "bn_backward", "mean");
-  const at::Tensor is = per_channel(invstd, z, s.channels, acc, "bn_backward", "invstd");
-  at::Tensor w;
-  if (weight.has_value() && weight->defined()) w = per_channel(*weight, z, s.channels, acc, "bn_backward", "weight");
+  o.dyc = dy.contiguous(o.fmt);
+  o.mc = mask.contiguous();
+  o.s = shape_of(o.zc, o.fmt);
+  o.acc = stat_type(z.scalar_type());
+  o.mu = per_channel(mean, z, o.s.channels, o.acc, op, "mean");
+  o.is = per_channel(invstd, z, o.s.channels, o.acc, op, "invstd");
+  return o;
+}
 
-  at::Tensor dz = at::empty(z.sizes(), z.options(), fmt);
-  at::Tensor dres = need_residual_grad ? at::empty(z.sizes(), dy.options(), fmt) : at::empty({0}, dy.options());
-  if (n == 0) {
+const uint8_t* mask_ptr(const at::Tensor& mc) { return mc.numel() > 0 ? mc.const_data_ptr<uint8_t>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cuda(
+    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mask, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool batch_stats, bool need_residual_grad) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const BackwardOperands o = backward_operands("bn_backward", dy, z, mask, mean, invstd);
+  const BnShape& s = o.s;
+  at::Tensor w;
+  if (weight.has_value() && weight->defined()) w = per_channel(*weight, z, s.channels, o.acc, "bn_backward", "weight");
+
+  at::Tensor dz = at::empty(z.sizes(), z.options(), o.fmt);
+  at::Tensor dres = need_residual_grad ? at::empty(z.sizes(), dy.options(), o.fmt) : at::empty({0}, dy.options());
+  if (z.numel() == 0) {
     // Sums over no elements.
-    return {dz, dres, at::zeros({s.channels}, z.options().dtype(acc)), at::zeros({s.channels}, z.options().dtype(acc))};
+    return {dz, dres, at::zeros({s.channels}, z.options().dtype(o.acc)),
+            at::zeros({s.channels}, z.options().dtype(o.acc))};
   }
-  at::Tensor dweight = at::empty({s.channels}, z.options().dtype(acc));
-  at::Tensor dbias = at::empty({s.channels}, z.options().dtype(acc));
-  at::Tensor partials = partial_buffer(s.channels, acc, z);
-  at::Tensor coef = at::empty({3 * s.channels}, z.options().dtype(acc));
+  at::Tensor dweight = at::empty({s.channels}, z.options().dtype(o.acc));
+  at::Tensor dbias = at::empty({s.channels}, z.options().dtype(o.acc));
+  at::Tensor partials = partial_buffer(s.channels, o.acc, z);
+  at::Tensor coef = at::empty({3 * s.channels}, z.options().dtype(o.acc));
   C10_CUDA_CHECK(bn_backward_launch(
-      to_kernel_dtype(z.scalar_type(), "z"), to_kernel_dtype(dy.scalar_type(), "dy"), dyc.const_data_ptr(),
-      zc.const_data_ptr(), mc.numel() > 0 ? mc.const_data_ptr<uint8_t>() : nullptr, mu.const_data_ptr(),
-      is.const_data_ptr(), w.defined() ? w.const_data_ptr() : nullptr, batch_stats, partials.mutable_data_ptr(),
-      coef.mutable_data_ptr(), dz.mutable_data_ptr(), need_residual_grad ? dres.mutable_data_ptr() : nullptr,
-      dweight.mutable_data_ptr(), dbias.mutable_data_ptr(), s, num_sms(), at::cuda::getCurrentCUDAStream()));
+      to_kernel_dtype(z.scalar_type(), "z"), to_kernel_dtype(dy.scalar_type(), "dy"), o.dyc.const_data_ptr(),
+      o.zc.const_data_ptr(), mask_ptr(o.mc), o.mu.const_data_ptr(), o.is.const_data_ptr(),
+      w.defined() ? w.const_data_ptr() : nullptr, batch_stats, partials.mutable_data_ptr(), coef.mutable_data_ptr(),
+      dz.mutable_data_ptr(), need_residual_grad ? dres.mutable_data_ptr() : nullptr, dweight.mutable_data_ptr(),
+      dbias.mutable_data_ptr(), s, num_sms(), at::cuda::getCurrentCUDAStream()));
   return {dz, dres, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& z,
+                                                           const at::Tensor& mask, const at::Tensor& mean,
+                                                           const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const BackwardOperands o = backward_operands("bn_backward_reduce", dy, z, mask, mean, invstd);
+  const int64_t C = o.s.channels;
+  if (z.numel() == 0) return {at::zeros({C}, z.options().dtype(o.acc)), at::zeros({C}, z.options().dtype(o.acc))};
+  at::Tensor sum_dy = at::empty({C}, z.options().dtype(o.acc));
+  at::Tensor sum_dy_xhat = at::empty({C}, z.options().dtype(o.acc));
+  at::Tensor partials = partial_buffer(C, o.acc, z);
+  at::Tensor coef = at::empty({3 * C}, z.options().dtype(o.acc));
+  C10_CUDA_CHECK(bn_backward_reduce_launch(
+      to_kernel_dtype(z.scalar_type(), "z"), to_kernel_dtype(dy.scalar_type(), "dy"), o.dyc.const_data_ptr(),
+      o.zc.const_data_ptr(), mask_ptr(o.mc), o.mu.const_data_ptr(), o.is.const_data_ptr(),
+      partials.mutable_data_ptr(), coef.mutable_data_ptr(), sum_dy.mutable_data_ptr(),
+      sum_dy_xhat.mutable_data_ptr(), o.s, num_sms(), at::cuda::getCurrentCUDAStream()));
+  return {sum_dy, sum_dy_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cuda(const at::Tensor& dy, const at::Tensor& z,
+                                                          const at::Tensor& mask, const at::Tensor& mean,
+                                                          const at::Tensor& invstd,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
+                                                          int64_t count, bool need_residual_grad) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const BackwardOperands o = backward_operands("bn_backward_elemt", dy, z, mask, mean, invstd);
+  const int64_t C = o.s.channels;
+  TORCH_CHECK(count > 0 || z.numel() == 0, "fused_resnet.bn_backward_elemt: `count` (values per channel over every "
+              "process) must be positive, got ", count);
+  const at::Tensor sg = per_channel(sum_dy, z, C, o.acc, "bn_backward_elemt", "sum_dy");
+  const at::Tensor sx = per_channel(sum_dy_xhat, z, C, o.acc, "bn_backward_elemt", "sum_dy_xhat");
+  at::Tensor k = o.is;
+  if (weight.has_value() && weight->defined()) {
+    k = per_channel(*weight, z, C, o.acc, "bn_backward_elemt", "weight") * o.is;
+  }
+  // Pass 2's coefficients [k, cb, cw] from the global sums (device-side:
+  // no host synchronisation).
+  const double inv_m = 1.0 / static_cast<double>(count > 0 ? count : 1);
+  const at::Tensor coef = at::cat({k, sg * inv_m, sx * o.is * inv_m}).contiguous();
+  at::Tensor dz = at::empty(z.sizes(), z.options(), o.fmt);
+  at::Tensor dres = need_residual_grad ? at::empty(z.sizes(), dy.options(), o.fmt) : at::empty({0}, dy.options());
+  if (z.numel() == 0) return {dz, dres};
+  C10_CUDA_CHECK(bn_backward_elemt_launch(
+      to_kernel_dtype(z.scalar_type(), "z"), to_kernel_dtype(dy.scalar_type(), "dy"), o.dyc.const_data_ptr(),
+      o.zc.const_data_ptr(), mask_ptr(o.mc), o.mu.const_data_ptr(), coef.const_data_ptr(), dz.mutable_data_ptr(),
+      need_residual_grad ? dres.mutable_data_ptr() : nullptr, o.s, num_sms(), at::cuda::getCurrentCUDAStream()));
+  return {dz, dres};
 }
 
 }  // namespace
@@ -216,6 +285,8 @@ TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("bn_finalize", &bn_finalize_cuda);
   m.impl("bn_apply", &bn_apply_cuda);
   m.impl("bn_backward", &bn_backward_cuda);
+  m.impl("bn_backward_reduce", &bn_backward_reduce_cuda);
+  m.impl("bn_backward_elemt", &bn_backward_elemt_cuda);
 }
 
 }  // namespace fused_resnet

@@ -73,4 +73,16 @@ cudaError_t bn_backward_launch(DType z_dtype, DType dy_dtype, const void* dy, co
                                void* partials, void* coef, void* dz, void* dresidual, void* dweight, void* dbias,
                                BnShape shape, int num_sms, cudaStream_t stream);
 
+// bn_backward's two passes run apart, for synchronised BatchNorm. The reduce
+// writes sum dy' and sum dy' * xhat (statistics dtype, C each; coef is
+// workspace); the elemt pass reads coef = [k, cb, cw] (3 * C values: dz =
+// k * (dy' - (cb + (z - mean) * cw))) computed from the all-reduced sums.
+cudaError_t bn_backward_reduce_launch(DType z_dtype, DType dy_dtype, const void* dy, const void* z,
+                                      const uint8_t* mask, const void* mean, const void* invstd, void* partials,
+                                      void* coef, void* sum_dy, void* sum_dy_xhat, BnShape shape, int num_sms,
+                                      cudaStream_t stream);
+cudaError_t bn_backward_elemt_launch(DType z_dtype, DType dy_dtype, const void* dy, const void* z,
+                                     const uint8_t* mask, const void* mean, const void* coef, void* dz,
+                                     void* dresidual, BnShape shape, int num_sms, cudaStream_t stream);
+
 }  // namespace fused_resnet

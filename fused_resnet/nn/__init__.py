@@ -3,6 +3,7 @@ builders and convert()."""
 
 from .blocks import FusedBasicBlock, FusedBottleneck, conv1x1, conv3x3
 from .convert import convert
+from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .resnet import (
     MODEL_BUILDERS,
     ResNet,
@@ -24,6 +25,8 @@ __all__ = [
     "conv1x1",
     "conv3x3",
     "convert",
+    "convert_sync_batchnorm",
+    "SyncBatchNorm2d",
     "MODEL_BUILDERS",
     "ResNet",
     "resnet18",

@@ -12,6 +12,9 @@ A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
   ops.batch_norm_act: statistics, running-stat update, one fused pass for
   BN + residual + ReLU saving a 1-bit mask, and a fused two-pass backward.
   (`cudnn` trains like `cuda`: its genstats graph has no autograd yet.)
+  A SyncBatchNorm2d (convert_sync_batchnorm) in training on several
+  processes takes ops.sync_batch_norm_act instead: the same fused apply and
+  backward, with the statistics and gradient sums all-reduced.
 
 Anything we cannot reproduce exactly (another norm layer, a non-zero padding
 mode, a block with extra modules) runs the block's reference forward.
@@ -26,6 +29,7 @@ from torch import nn
 
 from .. import ops
 from . import fold as _fold
+from .sync_batchnorm import SyncBatchNorm2d
 
 
 def _is_frozen_bn(bn: nn.Module) -> bool:
@@ -36,8 +40,10 @@ def _is_frozen_bn(bn: nn.Module) -> bool:
 
 
 def _is_batchnorm(bn: nn.Module) -> bool:
-    # nn.BatchNorm2d itself or a subclass that keeps its forward (not SyncBatchNorm).
-    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward
+    # nn.BatchNorm2d itself, a subclass that keeps its forward, or our
+    # SyncBatchNorm2d (nn.SyncBatchNorm runs the reference forward).
+    return isinstance(bn, nn.BatchNorm2d) and (
+        type(bn).forward is nn.BatchNorm2d.forward or type(bn).forward is SyncBatchNorm2d.forward)
 
 
 def _is_plain_conv(conv: nn.Module) -> bool:
@@ -155,6 +161,13 @@ def _train_unit(conv, bn, x, residual, relu, backend):
         batch_mean = batch_mean.to(s.dtype)
     else:
         z = _conv(conv, x, conv.weight, conv.bias)
+    if isinstance(bn, SyncBatchNorm2d) and bn.is_synchronised():
+        return ops.sync_batch_norm_act(
+            z, bn.weight, bn.bias,
+            bn.running_mean if track else None, bn.running_var if track else None,
+            bn.num_batches_tracked if track else None,
+            momentum=_momentum_for(bn), eps=bn.eps, process_group=bn.process_group, residual=residual, relu=relu,
+            batch_mean=batch_mean, batch_var=batch_var, backend=backend)
     return ops.batch_norm_act(
         z,
         bn.weight,

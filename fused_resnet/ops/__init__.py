@@ -10,9 +10,12 @@ from .add_relu import add_relu
 from .batch_norm_act import batch_norm_act
 from .bn_apply import bn_apply
 from .bn_backward import bn_backward
+from .bn_backward_elemt import bn_backward_elemt
+from .bn_backward_reduce import bn_backward_reduce
 from .bn_finalize import bn_finalize
 from .bn_stats import bn_stats
 from .conv2d_bn_act import conv2d_bn_act
+from .sync_batch_norm_act import sync_batch_norm_act
 from . import cudnn_conv
 
 __all__ = [
@@ -21,8 +24,11 @@ __all__ = [
     "batch_norm_act",
     "bn_apply",
     "bn_backward",
+    "bn_backward_elemt",
+    "bn_backward_reduce",
     "bn_finalize",
     "bn_stats",
     "conv2d_bn_act",
+    "sync_batch_norm_act",
     "cudnn_conv",
 ]

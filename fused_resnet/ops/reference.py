@@ -17,6 +17,8 @@ __all__ = [
     "bn_finalize",
     "bn_apply",
     "bn_backward",
+    "bn_backward_reduce",
+    "bn_backward_elemt",
     "fold_bn",
     "conv2d_bn_act",
     "pack_mask",
@@ -183,6 +185,55 @@ def bn_backward(
     else:
         dres = torch.empty(0, dtype=dy.dtype, device=dy.device)
     return dz, dres, dweight, dbias
+
+
+def _masked_grad(dy, z, mask, acc):
+    g = dy.to(acc)
+    if mask.numel() > 0:
+        g = torch.where(unpack_mask(mask, z, memory_format_of(z)), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return g
+
+
+def bn_backward_reduce(
+    dy: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn_backward's reduction alone: (sum dy', sum dy' * xhat) per channel."""
+    acc = stat_dtype(z.dtype)
+    g = _masked_grad(dy, z, mask, acc)
+    dims = [d for d in range(z.dim()) if d != 1]
+    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    return g.sum(dim=dims), (g * xhat).sum(dim=dims)
+
+
+def bn_backward_elemt(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sum_dy: torch.Tensor,
+    sum_dy_xhat: torch.Tensor,
+    count: int,
+    need_residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn_backward's elementwise pass from given sums over `count` values per
+    channel (all processes' batches for synchronised BatchNorm):
+    dz = weight * invstd * (dy' - (sum_dy + xhat * sum_dy_xhat) / count)."""
+    acc = stat_dtype(z.dtype)
+    fmt = memory_format_of(z)
+    g = _masked_grad(dy, z, mask, acc)
+    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    w = torch.ones_like(invstd, dtype=acc) if weight is None else weight.to(acc)
+    k = _per_channel(w * invstd.to(acc), z.dim())
+    m = max(count, 1)
+    dz = k * (g - (_per_channel(sum_dy.to(acc), z.dim()) + xhat * _per_channel(sum_dy_xhat.to(acc), z.dim())) / m)
+    dz = dz.to(z.dtype).contiguous(memory_format=fmt)
+    if need_residual_grad:
+        dres = g.to(dy.dtype).contiguous(memory_format=fmt)
+    else:
+        dres = torch.empty(0, dtype=dy.dtype, device=dy.device)
+    return dz, dres
 
 
 def fold_bn(
