@@ -39,6 +39,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name, av in _backend.availability().items():
         mark = "yes" if av.available else "no "
         print(f"  {name:<19} {mark}  {av.reason}")
+    print("cudnn fallbacks: layers whose fused graph cuDNN refuses run as cuDNN/aten conv + our epilogue; "
+          "`fused-resnet bench` lists them per row, fused_resnet.ops.cudnn_conv.fallbacks() in your process")
     return 0
 
 

@@ -17,7 +17,7 @@ from fused_resnet.bench import report, roofline, timing, verify
 BENCH_KEYS = {"schema", "config", "environment", "memory_definition", "providers", "results"}
 ROW_KEYS = {"mode", "provider", "kind", "backend", "status", "reason", "images_per_s", "ratio_to_eager",
             "ratio_to_compile", "median_ms", "p50_ms", "p90_ms", "times_ms", "peak_mem_mib", "first_call_s",
-            "max_err", "mean_err", "eager_err", "err_bound", "numerics_ok"}
+            "max_err", "mean_err", "eager_err", "err_bound", "numerics_ok", "fallbacks"}
 
 
 def _error_of(capsys, argv) -> str:
@@ -82,6 +82,17 @@ def test_tiny_bench_runs_and_writes_documented_json(tmp_path, capsys):
         assert cuda_rows and all(r["status"] == "unavailable" and r["reason"] for r in cuda_rows)
         assert "fused-cuda: not run (" in printed
     assert "verified" in printed and rc == 0
+
+
+def test_cudnn_fallbacks_are_listed_in_the_bench_notes():
+    from fused_resnet.bench import report
+
+    row = {"mode": "train", "provider": "fused-cudnn", "status": "ok", "reason": "", "numerics_ok": True,
+           "fallbacks": ["conv_bias_act|cuda:0|bfloat16[8,3,7,7]\tno engine supports the graph"]}
+    notes = report._notes({"results": [row, {**row, "mode": "inference", "fallbacks": []}]})
+    assert notes[0].startswith("fused-cudnn [train]: 1 layer graph(s) refused by cuDNN")
+    assert notes[1].strip() == "conv_bias_act|cuda:0|bfloat16[8,3,7,7]: no engine supports the graph"
+    assert len(notes) == 2
 
 
 def test_verify_cli_passes_on_resnet18(capsys):

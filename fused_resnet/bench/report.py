@@ -44,6 +44,10 @@ def _notes(result: dict) -> list[str]:
             notes.append(f"{r['provider']}: not run ({r['reason']})")
         elif r["status"] == "error":
             notes.append(f"{r['provider']} [{r['mode']}]: ERROR {r['reason']}")
+        if r.get("fallbacks"):
+            notes.append(f"{r['provider']} [{r['mode']}]: {len(r['fallbacks'])} layer graph(s) refused by cuDNN ran "
+                         "as aten conv + our epilogue:")
+            notes += [f"    {line.replace(chr(9), ': ', 1)}" for line in r["fallbacks"]]
     return notes
 
 

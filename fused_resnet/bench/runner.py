@@ -71,6 +71,19 @@ class Row:
     eager_err: float | None = None
     err_bound: float | None = None
     numerics_ok: bool | None = None
+    # cudnn backend: "graph key<TAB>cuDNN's reason" for every layer graph
+    # cuDNN refused during this row (those layers ran as aten conv + our
+    # epilogue).
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def _cudnn_refusals() -> set[tuple[str, str]]:
+    from ..ops import cudnn_conv
+
+    try:
+        return set(cudnn_conv.fallbacks())
+    except Exception:  # noqa: BLE001 - the list is informative; never fail a row for it
+        return set()
 
 
 class _Progress:
@@ -111,6 +124,7 @@ def _worst(outs: list[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
 def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, eager_out,
                   own: bool = False) -> tuple[Row, torch.Tensor]:
     row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok", reason=p.reason)
+    refused_before = _cudnn_refusals() if p.backend == "cudnn" else set()
     step = prov.make_step(p, mode, cfg.model, sd, x, y, cfg.torch_dtype, cfg.channels_last, cfg.num_classes,
                           compile_mode=cfg.compile_mode)
     # The first call compiles / autotunes / warms caches; it is timed on its
@@ -137,6 +151,8 @@ def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, 
     if cfg.measure_memory:
         peak = peak_memory_bytes(step.call, x.device)
         row.peak_mem_mib = None if peak is None else peak / 2**20
+    if p.backend == "cudnn":
+        row.fallbacks = sorted(f"{k}\t{why}" for k, why in _cudnn_refusals() - refused_before)
     del step
     return row, out
 
