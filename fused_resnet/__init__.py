@@ -13,6 +13,7 @@ Importing never fails because a backend is missing; `fused-resnet info`
 
 from ._backend import BACKENDS, BackendError, availability, available_backends, get_backend, set_backend
 from . import ops
+from .ops.batch_norm_act import relu_saves, set_relu_saves
 from .nn import (
     MODEL_BUILDERS,
     FusedBasicBlock,
@@ -43,6 +44,8 @@ __all__ = [
     "get_backend",
     "set_backend",
     "ops",
+    "relu_saves",
+    "set_relu_saves",
     "MODEL_BUILDERS",
     "FusedBasicBlock",
     "FusedBottleneck",

@@ -43,11 +43,22 @@ def native_loaded() -> bool:
     return _native_error is None
 
 
+# Kernels register once, when _C loads, and never go away: the dispatcher is
+# asked once per (op, key) (the query costs ~10 us, and every forward asks).
+_kernel_answers: dict[tuple[str, str], bool] = {}
+
+
 @torch._dynamo.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if torch.ops.fused_resnet.<op> has a kernel for the dispatch key."""
-    if _native_error is not None:
-        return False
+    hit = _kernel_answers.get((op, dispatch_key))
+    if hit is None:
+        hit = _native_error is None and _query_kernel(op, dispatch_key)
+        _kernel_answers[(op, dispatch_key)] = hit
+    return hit
+
+
+def _query_kernel(op: str, dispatch_key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", dispatch_key)
     except RuntimeError:

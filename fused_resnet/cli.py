@@ -179,7 +179,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         modes=("inference", "train") if args.mode == "both" else (args.mode,),
         steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
         channels_last=not args.contiguous, providers=names, measure_memory=not args.no_memory,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, relu_saves=args.relu_saves,
     )
     result = run_bench(cfg, progress=not args.quiet)
     if args.roofline:
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "max-autotune"), default="auto",
                    help="torch.compile mode for inference (auto: max-autotune on GPU, default on CPU); "
                         "training always uses the default mode")
+    p.add_argument("--relu-saves", choices=("mask", "output"), default=None,
+                   help="what fused training keeps for the ReLU backward: a 1-bit mask (default, faster) or the "
+                        "output the next conv saves anyway (no more memory than eager); see set_relu_saves")
     p.add_argument("--roofline", action="store_true", help="also print the per-conv roofline report")
     p.add_argument("--json", metavar="PATH", help="write every figure, the device and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart of images/s (needs matplotlib)")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resn
 ops = torch.ops.fused_resnet
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [((2, 5, 7, 3), False), ((2, 5, 7, 3), True), ((3, 19, 1, 1), False), ((1, 24, 9, 9), True),
-          ((2, 16, 8, 8), True)]
+          ((2, 16, 8, 8), True), ((2, 1100, 3, 5), True)]
 # Relative tolerance of the sums (statistics dtype) and of dz (one rounding of z's dtype, a few ulps).
 SUM_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 OUT_TOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}

@@ -11,8 +11,10 @@ pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resn
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (shape, channels_last): C not a multiple of 8, H*W = 1, a long plane.
+# C = 1100 channels_last spans three channel tiles of the CPU reductions, the
+# last one ending in a partial vector.
 SHAPES = [((2, 5, 7, 3), False), ((2, 5, 7, 3), True), ((3, 19, 1, 1), False), ((1, 24, 9, 9), True),
-          ((2, 3, 100, 100), False)]
+          ((2, 3, 100, 100), False), ((2, 1100, 3, 5), True)]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 ops = torch.ops.fused_resnet
 

@@ -151,15 +151,19 @@ void reduce_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_
   const LaneMask<acc_t> lm;
   if (l.rows) {
     const int64_t C = l.C, R = l.N * l.S;
-    const int64_t rb = rows_per_block(C);
-    const int64_t nblk = (R + rb - 1) / rb;
+    const RowTiles tiles(R, C);
+    const int64_t rb = tiles.rows;
+    const int64_t nblk = tiles.nblocks;
     std::vector<acc_t> pg(nblk * C, acc_t(0)), px(nblk * C, acc_t(0));
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
+    at::parallel_for(0, tiles.tasks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t k = t / tiles.ntiles;
+        const int64_t c0 = (t % tiles.ntiles) * tiles.width;
+        const int64_t w = std::min(C - c0, tiles.width);
         for (int64_t r = k * rb; r < std::min(R, (k + 1) * rb); ++r) {
-          const int64_t i = r * C;
-          reduce_run<scalar_t, grad_t, kMask, false>(dy + i, z + i, mask, nbytes, i, C, mean, pg.data() + k * C,
-                                                     px.data() + k * C, lm);
+          const int64_t i = r * C + c0;
+          reduce_run<scalar_t, grad_t, kMask, false>(dy + i, z + i, mask, nbytes, i, w, mean + c0,
+                                                     pg.data() + k * C + c0, px.data() + k * C + c0, lm);
         }
       }
     });

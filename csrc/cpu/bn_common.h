@@ -63,6 +63,25 @@ inline int64_t rows_per_block(int64_t C) {
   return std::max<int64_t>(r, 1);
 }
 
+// Reductions in the rows layout work on tiles of at most this many channels
+// (a multiple of every vector block), so that the per-channel accumulators
+// of a tile (a few arrays of kChannelTile values) stay in L1 while rows
+// stream past; wide layers (C = 1024, 2048) otherwise thrash L1 on every row.
+constexpr int64_t kChannelTile = 512;
+
+// The rows-layout partition every reduction uses: blocks of `rows` rows by
+// tiles of `width` channels. Depends on the shape only (determinism).
+struct RowTiles {
+  int64_t width, ntiles, rows, nblocks;
+  RowTiles(int64_t R, int64_t C) {
+    width = std::min<int64_t>(std::max<int64_t>(C, 1), kChannelTile);
+    ntiles = (C + width - 1) / width;
+    rows = rows_per_block(width);
+    nblocks = (R + rows - 1) / rows;
+  }
+  int64_t tasks() const { return ntiles * nblocks; }
+};
+
 // Loads/stores of kBlock consecutive scalar_t values as two op-math vectors
 // (fp32 for fp32/fp16/bf16, fp64 for fp64).
 template <typename scalar_t>

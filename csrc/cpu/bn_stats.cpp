@@ -143,53 +143,59 @@ void stats_rows(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* 
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   const int64_t C = l.C, R = l.N * l.S;
-  const int64_t rb = rows_per_block(C);
-  const int64_t nblk = (R + rb - 1) / rb;
+  const RowTiles tiles(R, C);
+  const int64_t rb = tiles.rows;
+  const int64_t nblk = tiles.nblocks;
   std::vector<acc_t> pm(nblk * C), pq(nblk * C);
-  const int64_t cvec = C - C % IO::kBlock;
   std::vector<acc_t> kk(C);  // per-channel shift, as in stats_planes
   for (int64_t c = 0; c < C; ++c) kk[c] = shift_of(static_cast<acc_t>(zp[c]));
-  const acc_t* kp = kk.data();
-  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
+  at::parallel_for(0, tiles.tasks(), 1, [&](int64_t begin, int64_t end) {
+    // Sum of deviations, for the corrected two-pass update below.
+    std::vector<acc_t> dsum_buf(tiles.width);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t k = t / tiles.ntiles;
+      const int64_t c0 = (t % tiles.ntiles) * tiles.width;
+      const int64_t w = std::min(C - c0, tiles.width);
+      const int64_t wvec = w - w % IO::kBlock;
       const int64_t r0 = k * rb, r1 = std::min(R, r0 + rb);
-      acc_t* m = pm.data() + k * C;
-      acc_t* q = pq.data() + k * C;
-      std::fill(m, m + C, acc_t(0));
-      std::fill(q, q + C, acc_t(0));
+      acc_t* m = pm.data() + k * C + c0;
+      acc_t* q = pq.data() + k * C + c0;
+      const acc_t* kp = kk.data() + c0;
+      acc_t* dsum = dsum_buf.data();
+      std::fill(m, m + w, acc_t(0));
+      std::fill(q, q + w, acc_t(0));
+      std::fill(dsum, dsum + w, acc_t(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = zp + r * C;
-        for (int64_t c = 0; c < cvec; c += IO::kBlock) {
+        const scalar_t* row = zp + r * C + c0;
+        for (int64_t c = 0; c < wvec; c += IO::kBlock) {
           V a, b;
           IO::load(row + c, a, b);
           (V::loadu(m + c) + (a - V::loadu(kp + c))).store(m + c);
           (V::loadu(m + c + IO::kV) + (b - V::loadu(kp + c + IO::kV))).store(m + c + IO::kV);
         }
-        for (int64_t c = cvec; c < C; ++c) m[c] += static_cast<acc_t>(row[c]) - kp[c];
+        for (int64_t c = wvec; c < w; ++c) m[c] += static_cast<acc_t>(row[c]) - kp[c];
       }
       const acc_t inv_n = acc_t(1) / static_cast<acc_t>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) m[c] *= inv_n;
-      // Sum of deviations, for the corrected two-pass update below.
-      std::vector<acc_t> dsum(C, acc_t(0));
+      for (int64_t c = 0; c < w; ++c) m[c] *= inv_n;
       for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = zp + r * C;
-        for (int64_t c = 0; c < cvec; c += IO::kBlock) {
+        const scalar_t* row = zp + r * C + c0;
+        for (int64_t c = 0; c < wvec; c += IO::kBlock) {
           V a, b;
           IO::load(row + c, a, b);
           a = (a - V::loadu(kp + c)) - V::loadu(m + c);
           b = (b - V::loadu(kp + c + IO::kV)) - V::loadu(m + c + IO::kV);
-          (V::loadu(dsum.data() + c) + a).store(dsum.data() + c);
-          (V::loadu(dsum.data() + c + IO::kV) + b).store(dsum.data() + c + IO::kV);
+          (V::loadu(dsum + c) + a).store(dsum + c);
+          (V::loadu(dsum + c + IO::kV) + b).store(dsum + c + IO::kV);
           at::vec::fmadd(a, a, V::loadu(q + c)).store(q + c);
           at::vec::fmadd(b, b, V::loadu(q + c + IO::kV)).store(q + c + IO::kV);
         }
-        for (int64_t c = cvec; c < C; ++c) {
+        for (int64_t c = wvec; c < w; ++c) {
           const acc_t d = (static_cast<acc_t>(row[c]) - kp[c]) - m[c];
           dsum[c] += d;
           q[c] += d * d;
         }
       }
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < w; ++c) {
         const acc_t corr = dsum[c] * inv_n;
         if (std::isfinite(corr)) m[c] += corr;
         q[c] = q[c] - dsum[c] * corr;
@@ -229,7 +235,7 @@ void stats_rows(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* 
     }
     const acc_t inv = acc_t(1) / static_cast<acc_t>(R);
     for (int64_t c = cb; c < ce; ++c) {
-      mean_out[c] += kp[c];
+      mean_out[c] += kk[c];
       var_out[c] *= inv;
     }
   });

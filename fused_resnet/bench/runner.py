@@ -35,6 +35,7 @@ class BenchConfig:
     seed: int = 0
     measure_memory: bool = True
     compile_mode: str = "auto"  # torch.compile mode for inference; auto = max-autotune on GPU
+    relu_saves: str | None = None  # fused training's ReLU backward state (None: the current setting)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -158,6 +159,19 @@ def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, 
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    from .. import relu_saves, set_relu_saves
+
+    before = relu_saves()
+    if cfg.relu_saves is not None:
+        set_relu_saves(cfg.relu_saves)
+    cfg.relu_saves = relu_saves()
+    try:
+        return _run_bench(cfg, progress)
+    finally:
+        set_relu_saves(before)
+
+
+def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
     device = torch.device(cfg.device)
     dtype = cfg.torch_dtype
     env = environment.describe(device)  # before the run: the load average then is the one that matters

@@ -7,11 +7,12 @@ A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
   epilogue: oneDNN's fused post-ops on CPU (prepacked weights), cuDNN + our
   add_relu kernel on `cuda`, one cuDNN-frontend graph on `cudnn`, the Triton
   conv's epilogue on `triton`.
-- Training-mode BN (batch statistics): z = conv(x) through aten (or the Triton
-  conv, which also emits the per-channel sums of z and z^2), then
-  ops.batch_norm_act: statistics, running-stat update, one fused pass for
+- Training-mode BN (batch statistics): z = conv(x) through aten, or through a
+  conv that also emits the per-channel sums of z and z^2 (the Triton conv's
+  epilogue on `triton`; cuDNN's conv + genstats graph on `cudnn`, CUDA tensors,
+  bias-free convs, differentiable through cudnn_conv's registered backward),
+  then ops.batch_norm_act: statistics, running-stat update, one fused pass for
   BN + residual + ReLU saving a 1-bit mask, and a fused two-pass backward.
-  (`cudnn` trains like `cuda`: its genstats graph has no autograd yet.)
   A SyncBatchNorm2d (convert_sync_batchnorm) in training on several
   processes takes ops.sync_batch_norm_act instead: the same fused apply and
   backward, with the statistics and gradient sums all-reduced.
@@ -145,20 +146,62 @@ def _momentum_for(bn: nn.BatchNorm2d) -> float | None:
     return bn.momentum
 
 
+def _stats_from_sums(z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor,
+                     shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch_mean, batch_var) for ops.batch_norm_act from a conv's per-channel
+    sum `s` and sum of squares `ss` of its raw output over N, H, W (z's
+    count per channel), when z = raw + shift[c] (a conv bias the sums did
+    not see). Biased variance E[raw^2] - E[raw]^2, clamped at 0, formed in
+    fp64 from the sums; the sums themselves are fp32, so it cancels
+    catastrophically when |mean| >> std (a Welford pass would not).
+    Detached: batch_norm_act's backward carries the statistics' gradient."""
+    count = z.numel() // z.shape[1]
+    mean = s.detach().double() / count
+    var = (ss.detach().double() / count - mean**2).clamp_min(0)
+    if shift is not None:
+        mean = mean + shift.detach().double()
+    return mean.to(s.dtype), var.to(s.dtype)
+
+
+def _cudnn_genstats_operands(conv: nn.Conv2d, x: torch.Tensor):
+    """(x, weight) for cudnn_conv.conv_genstats when its graph can run this
+    conv (CUDA tensor, the backend built, no conv bias, numeric padding,
+    fp16/bf16/fp32 with x's and the weight's dtypes agreeing after autocast's
+    cast), else None."""
+    from ..ops import cudnn_conv
+
+    if (x.device.type != "cuda" or conv.bias is not None or isinstance(conv.padding, str) or x.shape[0] == 0
+            or not cudnn_conv.built()):
+        return None
+    w = conv.weight
+    if torch.is_autocast_enabled("cuda"):
+        # What autocast does for F.conv2d: both operands in the autocast dtype
+        # (the custom op itself has no autocast rule).
+        dt = torch.get_autocast_dtype("cuda")
+        if x.dtype != torch.float64 and w.dtype != torch.float64:
+            x, w = x.to(dt), w.to(dt)
+    if x.dtype != w.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    return x, w
+
+
 def _train_unit(conv, bn, x, residual, relu, backend):
     track = bn.training and bn.track_running_stats
     batch_mean = batch_var = None
+    genstats = _cudnn_genstats_operands(conv, x) if backend == "cudnn" else None
     if backend == "triton" and hasattr(ops, "conv2d_bn_act") and x.shape[0] > 0:
         z, s, ss = ops.conv2d_bn_act(
             x, conv.weight, None, conv.bias, None, False, conv.stride, conv.padding, conv.dilation, conv.groups,
             True, backend=backend,
         )
-        count = z.numel() // z.shape[1]
         # The epilogue sums the raw conv output, before the shift (conv bias).
-        raw_mean = s.double() / count
-        batch_var = (ss.double() / count - raw_mean**2).clamp_min(0).to(s.dtype)
-        batch_mean = raw_mean if conv.bias is None else raw_mean + conv.bias.detach().double()
-        batch_mean = batch_mean.to(s.dtype)
+        batch_mean, batch_var = _stats_from_sums(z, s, ss, conv.bias)
+    elif genstats is not None:
+        from ..ops import cudnn_conv
+
+        z, s, ss = cudnn_conv.conv_genstats(
+            *genstats, None, None, False, conv.stride, conv.padding, conv.dilation, conv.groups)
+        batch_mean, batch_var = _stats_from_sums(z, s, ss)
     else:
         z = _conv(conv, x, conv.weight, conv.bias)
     if isinstance(bn, SyncBatchNorm2d) and bn.is_synchronised():

@@ -13,17 +13,24 @@ How it is put together (so torch.compile(fullgraph=True) traces it whole):
      statistics' dependence on z, so step 1 runs on detached tensors.
 PyTorch does not allow an autograd formula on an op that mutates its inputs,
 which is why the running-statistic update is a separate op (step 1).
+
+Outside torch.compile, when every step has a native kernel for the device,
+the same steps run through the kernels directly and a torch.autograd.Function
+(`_NativeBatchNormAct`): a torch.library custom op's Python dispatch costs
+~0.2 ms per call, which at ResNet-50's last-stage shapes on a CPU is as much
+as the kernels themselves. Same kernels, same saved tensors, same numbers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .. import _backend
 from . import reference
-from ._dispatch import native_op, use_native
+from ._dispatch import bump_versions, native_op, use_native
 from .bn_finalize import bn_finalize
 from .bn_stats import bn_stats
 
@@ -47,6 +54,7 @@ def _batch_norm_act_op(
     relu: bool,
     batch_stats: bool,
     backend: str,
+    reuse_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # weight and bias are inputs only so that autograd routes their gradients
     # here; their values are already folded into scale/shift.
@@ -54,28 +62,38 @@ def _batch_norm_act_op(
 
 
 @_batch_norm_act_op.register_fake
-def _(z, weight, bias, residual, mean, invstd, scale, shift, relu, batch_stats, backend):
+def _(z, weight, bias, residual, mean, invstd, scale, shift, relu, batch_stats, backend, reuse_output=False):
     fmt = reference.memory_format_of(z)
     n = (z.numel() + 7) // 8 if relu else 0
     return torch.empty_like(z, memory_format=fmt), z.new_empty((n,), dtype=torch.uint8)
 
 
 def _setup(ctx, inputs, output):
-    z, weight, bias, residual, mean, invstd, scale, shift, relu, batch_stats, backend = inputs
-    _, mask = output
+    z, weight, bias, residual, mean, invstd, scale, shift, relu, batch_stats, backend, reuse_output = inputs
+    y, mask = output
     ctx.mark_non_differentiable(mask)
     ctx.batch_stats = batch_stats
     ctx.backend = backend
-    ctx.has_weight = weight is not None
+    ctx.reuse_output = reuse_output and relu
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (weight, bias, residual))
-    ctx.save_for_backward(z, mask, mean, invstd, weight)
+    ctx.save_for_backward(z, y if ctx.reuse_output else mask, mean, invstd, weight)
+
+
+def _mask_by_output(dy: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU's backward from its saved output, as eager's threshold_backward
+    (dy where y > 0; y <= 0 gives 0); the fused backward then runs with no
+    mask."""
+    g = dy.masked_fill(y <= 0, 0)
+    return g, torch.empty(0, dtype=torch.uint8, device=dy.device)
 
 
 def _backward(ctx, dy, _dmask):
     z, mask, mean, invstd, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
-    args = (dy.contiguous(memory_format=reference.memory_format_of(z)), z, mask, mean, invstd, weight,
-            ctx.batch_stats, bool(need[3]))
+    dy = dy.contiguous(memory_format=reference.memory_format_of(z))
+    if ctx.reuse_output:
+        dy, mask = _mask_by_output(dy, mask)
+    args = (dy, z, mask, mean, invstd, weight, ctx.batch_stats, bool(need[3]))
     if use_native("bn_backward", z, ctx.backend):
         dz, dres, dw, db = native_op("bn_backward")(*args)
     else:
@@ -86,11 +104,107 @@ def _backward(ctx, dy, _dmask):
         dw.to(wdt) if need[1] else None,
         db.to(bdt) if need[2] else None,
         dres.to(rdt) if need[3] else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
 _batch_norm_act_op.register_autograd(_backward, setup_context=_setup)
+
+
+RELU_SAVES = ("mask", "output")
+_relu_saves: str | None = None
+
+
+def set_relu_saves(mode: str) -> None:
+    """What the fused BN + [add] + ReLU keeps for its backward:
+
+    - "mask" (default): a 1-bit-per-element ReLU mask (fastest backward);
+    - "output": nothing new: the ReLU output y itself, which the next
+      convolution saves anyway, as eager's ReLU does. A training step then
+      holds no more activation memory than eager's; the backward pays one
+      extra elementwise pass (dy masked by y > 0).
+    $FUSED_RESNET_RELU_SAVES sets the default.
+    """
+    global _relu_saves
+    if mode not in RELU_SAVES:
+        raise ValueError(f"fused_resnet.set_relu_saves: mode must be one of {RELU_SAVES}, got {mode!r}")
+    _relu_saves = mode
+
+
+def relu_saves() -> str:
+    """The current choice (see set_relu_saves)."""
+    if _relu_saves is not None:
+        return _relu_saves
+    return _env_relu_saves()
+
+
+@torch._dynamo.assume_constant_result
+def _env_relu_saves() -> str:
+    env = os.environ.get("FUSED_RESNET_RELU_SAVES", "mask")
+    if env not in RELU_SAVES:
+        raise ValueError(f"$FUSED_RESNET_RELU_SAVES must be one of {RELU_SAVES}, got {env!r}")
+    return env
+
+
+_NATIVE_STEPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward")
+
+
+def _native_steps(chosen: str, z: torch.Tensor) -> bool:
+    if chosen == "reference" or torch.compiler.is_compiling():
+        return False
+    key = "CUDA" if z.device.type == "cuda" else "CPU"
+    return all(_backend.has_kernel(op, key) for op in _NATIVE_STEPS)
+
+
+def _below_autograd():
+    # The ops' Python autograd registrations (refusals of double backward)
+    # would route every call through Python; inside this Function, autograd
+    # is ours, so dispatch straight to the kernels, as torch.library's own
+    # autograd wrapper does.
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+class _NativeBatchNormAct(torch.autograd.Function):
+    """fused_resnet::batch_norm_act's forward and backward on the native
+    kernels, without the custom-op dispatch (eager mode only)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, residual, mean, invstd, scale, shift, relu, batch_stats, reuse_output):
+        with _below_autograd():
+            y, mask = torch.ops.fused_resnet.bn_apply.default(z, scale, shift, residual, relu, None)
+        ctx.batch_stats = batch_stats
+        ctx.reuse_output = reuse_output and relu
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (weight, bias, residual))
+        ctx.save_for_backward(z, y if ctx.reuse_output else mask, mean, invstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, mask, mean, invstd, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if ctx.reuse_output:
+            dy, mask = _mask_by_output(dy, mask)
+        with _below_autograd():
+            dz, dres, dw, db = torch.ops.fused_resnet.bn_backward.default(
+                dy, z, mask, mean, invstd, weight, ctx.batch_stats, bool(need[3]))
+        wdt, bdt, rdt = ctx.dtypes
+        return (
+            dz if need[0] else None,
+            dw.to(wdt) if need[1] else None,
+            db.to(bdt) if need[2] else None,
+            dres.to(rdt) if need[3] else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def _finalize(native, chosen, mean, var, count, weight, bias, running_mean, running_var, nbt, momentum, eps):
+    if not native:
+        return bn_finalize(mean, var, count, weight, bias, running_mean, running_var, nbt, momentum, eps,
+                           backend=chosen)
+    out = torch.ops.fused_resnet.bn_finalize.default(mean, var, count, weight, bias, running_mean, running_var, nbt,
+                                                      momentum, eps)
+    bump_versions(running_mean, running_var)
+    return out
 
 
 def _check_batch_size(z: torch.Tensor) -> None:
@@ -148,6 +262,7 @@ def batch_norm_act(
     for a single value per channel when using batch statistics.
     """
     chosen = _backend.resolve(backend, z.device)
+    native = _native_steps(chosen, z)
     use_batch = training or (running_mean is None and running_var is None)
     acc = reference.stat_dtype(z.dtype)
     count = math.prod(z.shape) // z.shape[1] if z.dim() >= 2 and z.shape[1] else 0
@@ -155,7 +270,11 @@ def batch_norm_act(
         if use_batch:
             _check_batch_size(z)
             if batch_mean is None or batch_var is None:
-                mean, var = bn_stats(z.detach(), backend=chosen)
+                if native:
+                    with _below_autograd():
+                        mean, var = torch.ops.fused_resnet.bn_stats.default(z.detach())
+                else:
+                    mean, var = bn_stats(z.detach(), backend=chosen)
             else:
                 mean, var = batch_mean.detach().to(acc), batch_var.detach().to(acc)
             update = training and running_mean is not None
@@ -167,13 +286,17 @@ def batch_norm_act(
                     num_batches_tracked.add_(1)
                 update = False
                 mean, var = torch.zeros_like(mean), torch.zeros_like(var)
-            scale, shift, invstd = bn_finalize(
-                mean, var, count, weight, bias,
+            scale, shift, invstd = _finalize(
+                native, chosen, mean, var, count, weight, bias,
                 running_mean if update else None, running_var if update else None,
-                num_batches_tracked if update else None, momentum, eps, backend=chosen)
+                num_batches_tracked if update else None, momentum, eps)
         else:
             mean = running_mean.to(acc)
-            scale, shift, invstd = bn_finalize(
-                mean, running_var.to(acc), count, weight, bias, None, None, None, momentum, eps, backend=chosen)
-    y, _ = _batch_norm_act_op(z, weight, bias, residual, mean, invstd, scale, shift, relu, use_batch, chosen)
+            scale, shift, invstd = _finalize(
+                native, chosen, mean, running_var.to(acc), count, weight, bias, None, None, None, momentum, eps)
+    reuse = relu and relu_saves() == "output"
+    if native:
+        return _NativeBatchNormAct.apply(z, weight, bias, residual, mean, invstd, scale, shift, relu, use_batch,
+                                         reuse)
+    y, _ = _batch_norm_act_op(z, weight, bias, residual, mean, invstd, scale, shift, relu, use_batch, chosen, reuse)
     return y

@@ -6,9 +6,12 @@
 - conv_genstats: z = conv([relu](x * in_scale + in_shift), w) with the
   per-channel sum and sum of squares of z from the same graph (training
   forward; the optional prologue applies the previous layer's BN + ReLU as the
-  conv reads its input);
+  conv reads its input). Differentiable in x, w, in_scale and in_shift, through
+  z and the sums (_genstats_backward: dgrad/wgrad graphs, the prologue
+  recomputed, not saved); the `cudnn` blocks train through it;
 - conv_bn_train: conv_genstats -> bn_finalize (PyTorch's running-statistic
-  rules) -> bn_apply, the whole training forward of conv + BN [+ add] [+ ReLU];
+  rules) -> bn_apply, the whole training forward of conv + BN [+ add] [+ ReLU]
+  (forward only: the blocks use conv_genstats + ops.batch_norm_act instead);
 - conv_dgrad / conv_wgrad: the convolution's gradients as cuDNN graphs.
 
 Each graph is built and its plan chosen once per (operands' shapes, strides,
@@ -123,6 +126,30 @@ if _schemas_defined():
         "fused_resnet::cudnn_conv_bias_act", _bias_act_backward, setup_context=_bias_act_setup
     )
 
+    def _genstats_setup(ctx, inputs, output):
+        x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups = inputs
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.in_relu = in_relu
+        # Outputs nobody used arrive as None rather than zeros, so the usual
+        # case (only z feeds the loss; the sums feed BN's no-grad finalize)
+        # costs no extra pass.
+        ctx.set_materialize_grads(False)
+        # z is saved for the sum-of-squares term (BN saves it anyway); the
+        # prologue's output is recomputed in backward, never kept.
+        ctx.save_for_backward(x, weight, in_scale, in_shift, output[0])
+
+    def _genstats_autograd(ctx, dz, dsum, dsumsq):
+        x, weight, in_scale, in_shift, z = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        dx, dw, dsc, dsh = _genstats_backward(
+            x, weight, in_scale, in_shift, ctx.in_relu, stride, padding, dilation, groups, z, dz, dsum, dsumsq,
+            ctx.needs_input_grad[:4])
+        return dx, dw, dsc, dsh, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fused_resnet::cudnn_conv_genstats", _genstats_autograd, setup_context=_genstats_setup
+    )
+
 
 def conv_bias_act(
     x: torch.Tensor,
@@ -181,7 +208,9 @@ def conv_genstats(
     squares of z, in one cuDNN graph. prologue(x) = [relu](x * in_scale[c] +
     in_shift[c]) when in_scale/in_shift are given (the previous layer's BN),
     else x. Returns (z in channels_last, sum, sumsq); the sums are fp32 (fp64
-    for fp64 input on the non-CUDA path). Forward only."""
+    for fp64 input on the non-CUDA path). Differentiable in x, weight,
+    in_scale and in_shift through all three outputs (_genstats_backward);
+    the non-CUDA path through plain autograd."""
     s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if _runs_native(x):
         return torch.ops.fused_resnet.cudnn_conv_genstats(x, weight, in_scale, in_shift, in_relu, s, p, d, groups)
@@ -193,6 +222,77 @@ def conv_genstats(
     z = F.conv2d(inp, weight, None, s, p, d, groups).contiguous(memory_format=torch.channels_last)
     zf = z.to(acc_t)
     return z, zf.sum(dim=(0, 2, 3)), (zf * zf).sum(dim=(0, 2, 3))
+
+
+def _genstats_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
+    in_relu: bool,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    z: torch.Tensor,
+    dz: torch.Tensor | None,
+    dsum: torch.Tensor | None,
+    dsumsq: torch.Tensor | None,
+    needs_input_grad=(True, True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of conv_genstats: (dx, dweight, din_scale, din_shift)
+    given the gradients of its outputs (z, sum, sumsq), any of them None.
+
+    The total gradient of z is g = dz + dsum[c] + 2 * z * dsumsq[c] (in fp32,
+    fp64 for fp64, rounded to z's dtype for the convolution's gradients);
+    d(conv input) = conv_dgrad(g), dweight = conv_wgrad(g, prologue(x)) with
+    prologue(x) recomputed as the forward computes it. Through the prologue
+    (a = x * in_scale + in_shift, mask = a > 0 under in_relu, else all true):
+    dx = dinp * in_scale * mask, din_scale = sum over N, H, W of
+    dinp * x * mask, din_shift = sum of dinp * mask. Runs wherever
+    conv_dgrad/conv_wgrad run (cuDNN graphs on CUDA, aten elsewhere).
+    needs_input_grad: which of (x, weight, in_scale, in_shift) to compute."""
+    need_x, need_w, need_sc, need_sh = (bool(n) for n in needs_input_grad)
+    prologue = in_scale is not None
+    if not prologue:
+        need_sc = need_sh = False
+    if dz is None and dsum is None and dsumsq is None:
+        return None, None, None, None
+    acc = reference.stat_dtype(z.dtype)
+    if dsum is None and dsumsq is None:
+        g = dz
+    else:
+        g = dz.to(acc) if dz is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
+        if dsum is not None:
+            g = g + _channel(dsum, acc)
+        if dsumsq is not None:
+            g = g + 2 * z.to(acc) * _channel(dsumsq, acc)
+        g = g.to(z.dtype)
+    g = g.contiguous(memory_format=torch.channels_last)
+
+    inp = x
+    if prologue:
+        xa = x.to(acc)
+        a = xa * _channel(in_scale, acc)
+        if in_shift is not None:
+            a = a + _channel(in_shift, acc)
+        mask = a > 0 if in_relu else None
+        if need_w:
+            inp = (torch.relu(a) if in_relu else a).to(x.dtype)
+    dinp = conv_dgrad(g, weight, x.shape, stride, padding, dilation, groups) if (
+        need_x or need_sc or need_sh) else None
+    dw = conv_wgrad(g, inp, weight.shape, stride, padding, dilation, groups) if need_w else None
+    if dw is not None:
+        dw = dw.contiguous(memory_format=reference.memory_format_of(weight))
+    if not prologue:
+        return (dinp if need_x else None), dw, None, None
+    da = None if dinp is None else dinp.to(acc)
+    if da is not None and mask is not None:
+        da = torch.where(mask, da, torch.zeros((), dtype=acc, device=da.device))
+    dx = (da * _channel(in_scale, acc)).to(x.dtype) if need_x else None
+    dsc = (da * xa).sum(dim=(0, 2, 3)).to(in_scale.dtype) if need_sc else None
+    dsh = da.sum(dim=(0, 2, 3)).to(in_shift.dtype) if need_sh and in_shift is not None else None
+    return dx, dw, dsc, dsh
 
 
 def _bn_op(name: str, t: torch.Tensor):
@@ -226,7 +326,8 @@ def conv_bn_train(
     Batch variance comes from the graph's sums as E[z^2] - E[z]^2 in fp32
     (clamped at 0), less robust than a Welford pass when |mean| >> std.
     Returns (y, z, mean, invstd, relu_mask) — what bn_backward needs. Forward
-    only (no autograd)."""
+    only (no autograd of its own); the `cudnn` blocks train through
+    conv_genstats (differentiable) + ops.batch_norm_act instead."""
     z, s, sq = conv_genstats(x, weight, None, None, False, stride, padding, dilation, groups)
     count = z.numel() // z.shape[1]
     mean = s / count
