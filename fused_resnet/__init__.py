@@ -6,6 +6,7 @@ for torchvision's ResNet family, giving eager PyTorch's numbers.
     model = fused_resnet.resnet50()          # instead of torchvision.models.resnet50()
     fused_resnet.convert(torchvision_model)  # or swap the blocks of an existing model
     fused_resnet.set_backend("cpu")          # reference | cpu | cuda | cudnn | triton | auto
+    model = fused_resnet.optimize(model, x)  # inference: eval, folds, layout, kernels warmed [, CUDA graph]
 
 Importing never fails because a backend is missing; `fused-resnet info`
 (or fused_resnet.availability()) says what can run here and why not.
@@ -14,6 +15,8 @@ Importing never fails because a backend is missing; `fused-resnet info`
 from ._backend import BACKENDS, BackendError, availability, available_backends, get_backend, set_backend
 from . import ops
 from .ops.batch_norm_act import relu_saves, set_relu_saves
+from .nn.block_paths import get_fusions, set_fusions
+from .optimize import optimize
 from .nn import (
     MODEL_BUILDERS,
     FusedBasicBlock,
@@ -46,6 +49,9 @@ __all__ = [
     "ops",
     "relu_saves",
     "set_relu_saves",
+    "set_fusions",
+    "get_fusions",
+    "optimize",
     "MODEL_BUILDERS",
     "FusedBasicBlock",
     "FusedBottleneck",

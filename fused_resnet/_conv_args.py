@@ -25,3 +25,31 @@ def out_hw(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
         for d in range(2)
     )
     return oh, ow
+
+
+def check_shortcut(x, x2, weight2, stride2, out_shape, op: str) -> tuple[int, int]:
+    """Validate a projection shortcut conv1x1(x2, weight2, stride2, no
+    padding, one group) whose result is added to an output of `out_shape`
+    (N, C_out, OH, OW) computed from `x`. Returns stride2 as (h, w); raises
+    ValueError/TypeError naming the argument otherwise."""
+    s2 = pair(stride2, "stride2", op)
+    if s2[0] < 1 or s2[1] < 1:
+        raise ValueError(f"{op}: `stride2` must be positive, got {s2}")
+    if x2.dim() != 4 or weight2.dim() != 4:
+        raise ValueError(f"{op}: `x2` and `weight2` must be 4-D, got shapes {list(x2.shape)} and "
+                         f"{list(weight2.shape)}")
+    for what, t in (("x2", x2), ("weight2", weight2)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: `{what}` has dtype {t.dtype} but `x` has {x.dtype}; expected the same")
+        if t.device != x.device:
+            raise ValueError(f"{op}: `{what}` is on {t.device} but `x` is on {x.device}; expected the same")
+    n, c_out, oh, ow = (int(v) for v in out_shape)
+    n2, c2, h2, w2 = (int(v) for v in x2.shape)
+    if tuple(weight2.shape) != (c_out, c2, 1, 1):
+        raise ValueError(f"{op}: `weight2` must be a 1x1 conv weight {[c_out, c2, 1, 1]} (C_out outputs, "
+                         f"x2's {c2} channels), got {list(weight2.shape)}")
+    got = [n2, c_out, (h2 - 1) // s2[0] + 1, (w2 - 1) // s2[1] + 1]
+    if got != [n, c_out, oh, ow]:
+        raise ValueError(f"{op}: the shortcut of `x2` {list(x2.shape)} with stride {s2} has shape {got}, "
+                         f"expected the output's {[n, c_out, oh, ow]}")
+    return s2[0], s2[1]

@@ -47,6 +47,7 @@ _DEFINITIONS: dict[str, Callable[..., Any]] = {
     "bn_backward": reference.bn_backward,
     "batch_norm_act": _batch_norm_act,
     "conv2d_bn_act": _conv2d_bn_act,
+    "conv2d_bias_act_shortcut": reference.conv2d_bias_act_shortcut,
 }
 
 

@@ -17,6 +17,19 @@ A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
   processes takes ops.sync_batch_norm_act instead: the same fused apply and
   backward, with the statistics and gradient sums all-reduced.
 
+- Projection shortcut in eval on `triton` (switch "shortcut_gemm", on by
+  default): a block whose downsample is a foldable 1x1 conv + BN runs its
+  last conv and the downsample as one Triton kernel, the downsample being a
+  second GEMM accumulated into the last conv's tile, with the two folded
+  biases summed in the epilogue (ops.conv2d_bias_act_shortcut): the shortcut
+  tensor is never written. Only where no gradient is wanted and the Triton
+  kernel runs; otherwise (or with the switch off) the downsample unit runs
+  first and the last unit adds its output, as before.
+
+Fusion switches, for ablations: FUSIONS (module-level dict), set_fusions()
+(also fused_resnet.set_fusions) and $FUSED_RESNET_FUSIONS, read at import,
+e.g. FUSED_RESNET_FUSIONS="shortcut_gemm=0".
+
 Anything we cannot reproduce exactly (another norm layer, a non-zero padding
 mode, a block with extra modules) runs the block's reference forward.
 Everything here goes through fused_resnet.ops; nothing below knows modules.
@@ -24,13 +37,77 @@ Everything here goes through fused_resnet.ops; nothing below knows modules.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.conv2d_bn_act import shortcut_kernel_runs
 from . import fold as _fold
 from .sync_batchnorm import SyncBatchNorm2d
+
+# --------------------------------------------------------------- fusion switches
+
+FUSIONS_ENV_VAR = "FUSED_RESNET_FUSIONS"
+# name -> on by default. shortcut_gemm: the projection shortcut as a second
+# GEMM in the last conv of a block (eval, triton backend).
+FUSION_DEFAULTS: dict[str, bool] = {"shortcut_gemm": True}
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def _fusions_from_env(text: str | None) -> dict[str, bool]:
+    """FUSION_DEFAULTS updated by "name=0|1,..." (also on/off, true/false);
+    a malformed or unknown entry is warned about and ignored (importing never
+    fails because of the environment)."""
+    out = dict(FUSION_DEFAULTS)
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name in out and value in _TRUE + _FALSE:
+            out[name] = value in _TRUE
+        else:
+            warnings.warn(f"fused_resnet: ignoring {item!r} in ${FUSIONS_ENV_VAR}; expected name=0 or name=1 "
+                          f"with name one of {', '.join(FUSION_DEFAULTS)}", RuntimeWarning, stacklevel=2)
+    return out
+
+
+# The switches the fused paths read on every forward. Change them with
+# set_fusions() (or assign the dict's entries directly).
+FUSIONS: dict[str, bool] = _fusions_from_env(os.environ.get(FUSIONS_ENV_VAR))
+
+
+def set_fusions(**flags: bool) -> dict[str, bool]:
+    """Turn individual fusions on or off for every model (for ablations);
+    returns the previous settings, so `set_fusions(**old)` restores them.
+
+        old = fused_resnet.set_fusions(shortcut_gemm=False)
+        ...  # measure without the fused projection shortcut
+        fused_resnet.set_fusions(**old)
+
+    Fusions: shortcut_gemm (default on): in eval on the triton backend, a
+    block's downsample (1x1 conv + BN) runs as a second GEMM inside its last
+    conv's kernel. A torch.compile'd model keeps the setting it was traced with.
+    """
+    for name, value in flags.items():
+        if name not in FUSIONS:
+            raise ValueError(f"set_fusions: unknown fusion {name!r}; known: {', '.join(FUSIONS)}")
+        if not isinstance(value, bool):
+            raise TypeError(f"set_fusions: `{name}` must be True or False, got {value!r}")
+    old = dict(FUSIONS)
+    FUSIONS.update(flags)
+    return old
+
+
+def get_fusions() -> dict[str, bool]:
+    """The current fusion switches (a copy)."""
+    return dict(FUSIONS)
 
 
 def _is_frozen_bn(bn: nn.Module) -> bool:
@@ -268,6 +345,56 @@ def _shortcut(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     return unit(ds[0], ds[1], x, None, False, backend)
 
 
+def _shortcut_gemm_usable(block: nn.Module, conv: nn.Module, bn: nn.Module, out: torch.Tensor, x: torch.Tensor,
+                          backend: str) -> bool:
+    """Whether the block's last unit (conv, bn) on input `out` can take the
+    projection shortcut of block input `x` as a second GEMM: switch on,
+    triton backend and its kernel runs for `out`, both BNs in eval (running
+    statistics), the downsample a plain 1x1 conv with no padding, dilation or
+    groups, no gradient wanted (the fused op has no backward), no autocast,
+    one dtype throughout."""
+    ds = block.downsample
+    if not FUSIONS.get("shortcut_gemm", False) or backend != "triton" or ds is None:
+        return False
+    dconv, dbn = ds[0], ds[1]
+    if _uses_batch_stats(bn) or _uses_batch_stats(dbn):
+        return False
+    if (tuple(dconv.kernel_size) != (1, 1) or dconv.padding not in ((0, 0), "valid")
+            or tuple(dconv.dilation) != (1, 1) or dconv.groups != 1):
+        return False
+    if _fold.needs_grad(conv, bn) or _fold.needs_grad(dconv, dbn):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        return False
+    if torch.is_autocast_enabled(out.device.type):
+        return False
+    dt = out.dtype
+    if not (x.dtype == dt and conv.weight.dtype == dt and dconv.weight.dtype == dt):
+        return False
+    return x.dim() == 4 and shortcut_kernel_runs(out, backend)
+
+
+def _shortcut_gemm_unit(conv: nn.Module, bn: nn.Module, out: torch.Tensor, x: torch.Tensor,
+                        ds: nn.Module) -> torch.Tensor:
+    """relu(bn(conv(out)) + ds(x)) as one kernel: both BNs folded (cached on
+    bn, keyed on the versions of both pairs' tensors), the biases summed in
+    fp32."""
+    dconv, dbn = ds[0], ds[1]
+
+    def make():
+        w, b = _fold.fold_keep_bias(conv, bn)
+        w2, b2 = _fold.fold_keep_bias(dconv, dbn)
+        return w, w2, b + b2
+
+    if torch.compiler.is_compiling():
+        # The tracer folds constants itself (and cannot read data pointers).
+        w, w2, bias = make()
+    else:
+        w, w2, bias = _fold.cached(conv, bn, "shortcut-gemm", make, extra=_fold.pair_key(dconv, dbn))
+    return ops.conv2d_bias_act_shortcut(out, w, bias, x, w2, dconv.stride, True, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups, backend="triton")
+
+
 def block_forward(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """Forward of a FusedBasicBlock / FusedBottleneck on `backend`."""
     if not block_supported(block):
@@ -275,10 +402,13 @@ def block_forward(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tens
     out = unit(block.conv1, block.bn1, x, None, True, backend)
     if hasattr(block, "conv3"):
         out = unit(block.conv2, block.bn2, out, None, True, backend)
-        identity = _shortcut(block, x, backend)
-        return unit(block.conv3, block.bn3, out, identity, True, backend)
+        last_conv, last_bn = block.conv3, block.bn3
+    else:
+        last_conv, last_bn = block.conv2, block.bn2
+    if _shortcut_gemm_usable(block, last_conv, last_bn, out, x, backend):
+        return _shortcut_gemm_unit(last_conv, last_bn, out, x, block.downsample)
     identity = _shortcut(block, x, backend)
-    return unit(block.conv2, block.bn2, out, identity, True, backend)
+    return unit(last_conv, last_bn, out, identity, True, backend)
 
 
 def stem_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:

@@ -56,6 +56,24 @@ def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype | None = None):
     return w.to(dtype), bias.to(dtype)
 
 
+def fold_keep_bias(conv: nn.Conv2d, bn: nn.Module):
+    """fold() with the bias left in fp32 (fp64 for fp64) instead of the conv
+    weight's dtype: for a sum of two folded biases (the projection shortcut
+    GEMM), rounded once. The weight is the same as fold()'s."""
+    acc = reference.stat_dtype(conv.weight.dtype)
+    rm, rv, g, b, eps = bn_eval_tensors(bn)
+    w, bias = reference.fold_bn(conv.weight.to(acc), rm, rv, g, b, eps, conv.bias)
+    return w.to(conv.weight.dtype), bias
+
+
+def pair_key(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    """The identity and version of every tensor a fold of (conv, bn) reads,
+    and eps: pass as cached(..., extra=pair_key(conv2, bn2)) for an entry that
+    also depends on a second conv + BN pair."""
+    rm, rv, g, b, eps = bn_eval_tensors(bn)
+    return _key((conv.weight, conv.bias, rm, rv, g, b), ()) + (float(eps),)
+
+
 def needs_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
     if not torch.is_grad_enabled():
         return False

@@ -9,6 +9,12 @@ registered autograd formula: the epilogue's backward (ReLU mask, residual
 gradient, d(scale), d(shift), the statistics' gradients) composed with
 aten.convolution_backward for dgrad and wgrad.
 
+conv2d_bias_act_shortcut (op fused_resnet::conv2d_bias_act_shortcut) is the
+inference-only variant for a residual block's last conv with a projection
+shortcut: the downsample 1x1 conv is a second GEMM accumulated into the same
+tile (one kernel, one write, no shortcut tensor). It has no backward: where a
+gradient is wanted it computes the same contract with differentiable aten ops.
+
 Where the Triton kernel cannot run (a CPU tensor without TRITON_INTERPRET=1,
 fp64, bf16 under the interpreter, which computes bf16 dots wrongly) the op
 computes the same contract with F.conv2d + the reference epilogue.
@@ -221,3 +227,124 @@ def conv2d_bn_act(
                                        groups, bool(emit_stats))
     return torch.ops.fused_resnet.conv2d_bn_act(x, weight, scale, shift, residual, bool(relu), stride, padding,
                                                 dilation, groups, bool(emit_stats))
+
+
+# ------------------------------------------- projection shortcut (inference only)
+
+_SC_OP = "fused_resnet::conv2d_bias_act_shortcut"
+
+
+@torch.library.custom_op(_SC_OP, mutates_args=())
+def _shortcut_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    x2: torch.Tensor,
+    weight2: torch.Tensor,
+    stride2: Sequence[int],
+    relu: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    if _triton_runs(x):
+        from ..triton import launch
+
+        y, _, _ = launch.conv2d_bn_act(x, weight, None, bias, None, relu, stride, padding, dilation, groups, False,
+                                       x2=x2, weight2=weight2, stride2=stride2)
+        return y
+    y = reference.conv2d_bias_act_shortcut(x, weight, bias, x2, weight2, stride2, relu, stride, padding, dilation,
+                                           groups)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@_shortcut_op.register_fake
+def _shortcut_fake(x, weight, bias, x2, weight2, stride2, relu, stride, padding, dilation, groups):
+    torch._check(x.dim() == 4 and weight.dim() == 4 and x2.dim() == 4 and weight2.dim() == 4,
+                 lambda: "conv2d_bias_act_shortcut: `x`, `weight`, `x2` and `weight2` must be 4-D")
+    oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv2d_bias_act_shortcut(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x2: torch.Tensor,
+    weight2: torch.Tensor,
+    stride2=1,
+    relu: bool = True,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = [relu](conv2d(x, weight) + conv1x1(x2, weight2, stride2) + bias),
+    inference only: a residual block's last conv (BN folded into `weight`)
+    with its projection shortcut (the downsample conv, its BN folded into
+    `weight2`) computed as a second GEMM into the same accumulator, and one
+    bias, the two folded biases summed. One kernel, one write.
+
+    Args:
+        x: (N, C_in, H, W), the last conv's input; float16/float32 (bfloat16 on
+            a GPU) for the Triton kernel.
+        weight: (C_out, C_in / groups, KH, KW), x's dtype.
+        bias: optional (C_out,), used in fp32.
+        x2: (N, C2, H2, W2), the block input, x's dtype.
+        weight2: (C_out, C2, 1, 1), x's dtype.
+        stride2: the shortcut's stride (no padding, one group); its output
+            must have the main conv's shape.
+        relu, stride, padding, dilation, groups: as conv2d_bn_act.
+        backend: None (the global choice; "auto" means Triton where it can
+            run), "triton", or "reference".
+
+    Returns y, channels_last in x's dtype. There is no backward: when
+    autograd is recording and an input requires grad, the unfused,
+    differentiable reference (reference.conv2d_bias_act_shortcut) runs.
+    """
+    op = "conv2d_bias_act_shortcut"
+    if backend is not None and backend.strip().lower() not in _backend.BACKENDS + ("auto",):
+        _backend.validate(backend)  # raises BackendError naming the choices
+    stride, padding, dilation = (_conv_args.pair(stride, "stride", op), _conv_args.pair(padding, "padding", op),
+                                 _conv_args.pair(dilation, "dilation", op))
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
+    _check_tensors(x, weight, None, stride, padding, dilation)
+    oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
+    stride2 = list(_conv_args.check_shortcut(x, x2, weight2, stride2, (x.shape[0], weight.shape[0], oh, ow), op))
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(f"{op}: `bias` must have {weight.shape[0]} elements (one per output channel), "
+                         f"got {bias.numel()}")
+    if _wants_grad(x, weight, bias, x2, weight2) or not _use_triton_op(backend, x):
+        return reference.conv2d_bias_act_shortcut(x, weight, bias, x2, weight2, stride2, bool(relu), stride,
+                                                  padding, dilation, groups)
+    return torch.ops.fused_resnet.conv2d_bias_act_shortcut(x, weight, bias, x2, weight2, stride2, bool(relu),
+                                                           stride, padding, dilation, groups)
+
+
+# Depends only on the device type, the dtype and the environment: torch.compile
+# may fold it to a constant (its tracer cannot enter availability()'s cache).
+@torch._dynamo.assume_constant_result
+def _kernel_runs_on(device_type: str, dtype_name: str) -> bool:
+    return _triton_runs(_DeviceAndDtype(torch.device(device_type), getattr(torch, dtype_name)))
+
+
+class _DeviceAndDtype:
+    """What _triton_runs reads of a tensor: its device and dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+
+def shortcut_kernel_runs(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether conv2d_bias_act_shortcut would run the fused Triton kernel (not
+    the reference) for an input like x on `backend`, autograd aside."""
+    return _use_triton_op(backend, x) and _kernel_runs_on(x.device.type, str(x.dtype).replace("torch.", ""))

@@ -21,6 +21,7 @@ __all__ = [
     "bn_backward_elemt",
     "fold_bn",
     "conv2d_bn_act",
+    "conv2d_bias_act_shortcut",
     "pack_mask",
     "unpack_mask",
     "memory_format_of",
@@ -297,3 +298,32 @@ def conv2d_bn_act(
         return y, zf.sum(dim=(0, 2, 3)), (zf * zf).sum(dim=(0, 2, 3))
     empty = torch.empty(0, dtype=acc, device=x.device)
     return y, empty, empty
+
+
+def conv2d_bias_act_shortcut(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x2: torch.Tensor,
+    weight2: torch.Tensor,
+    stride2=1,
+    relu: bool = True,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The last conv of a residual block with its projection shortcut, both
+    BNs folded (inference): y = [relu](conv(x, w) + conv1x1(x2, w2, stride2)
+    + bias). The two convs run in x's dtype; their sum, the bias (usually the
+    two folded biases summed in fp32) and the ReLU in fp32 (fp64 for fp64),
+    rounded once to x's dtype."""
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    z2 = F.conv2d(x2, weight2, None, stride2)
+    acc = stat_dtype(z.dtype)
+    out = z.to(acc) + z2.to(acc)
+    if bias is not None:
+        out = out + _per_channel(bias.to(acc), 4)
+    if relu:
+        out = torch.relu(out)
+    return out.to(x.dtype)

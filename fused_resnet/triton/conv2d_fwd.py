@@ -22,6 +22,16 @@ is written): EMIT_STATS stores per-tile, per-channel sum(z) and sum(z*z) of the
 raw conv output into [num_m_tiles, C_out] buffers (reduced on the host, in a
 fixed order: no atomics, deterministic); then y = z * scale + shift + residual,
 ReLU, cast to y's dtype.
+
+Projection shortcut (HAS_SHORTCUT, inference): after the main K loop a second
+GEMM accumulates x2[n, oh*s2, ow*s2, :] @ w2 into the same fp32 accumulator,
+where x2 is the block input (NHWC, C2 channels) and w2 the downsample 1x1 conv
+with its BN folded, prepared like w with one group as (C2, C_out). The
+epilogue then sees z = conv(x, w) + conv1x1(x2, w2, stride s2) and adds the
+sum of both folded biases as `shift`: one kernel, one write, no shortcut
+tensor. conv2d_fwd_kernel is the kernel without it (its signature and code
+are those of every earlier version); conv2d_fwd_shortcut_kernel takes the
+extra arguments. Both are thin entry points into one body, _conv2d_fwd.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import triton.language as tl
 
 # Part of every autotune cache key: bump when the kernel changes in a way that
 # could change which config is fastest or whether a config compiles.
-KERNEL_VERSION = "conv2d_fwd-v1"
+KERNEL_VERSION = "conv2d_fwd-v2"
 
 MODE_GEMM = 0
 MODE_CBLOCK = 1
@@ -39,14 +49,15 @@ MODE_FLAT = 2
 
 
 @triton.jit
-def conv2d_fwd_kernel(
+def _conv2d_fwd(
     x_ptr, w_ptr, y_ptr,
-    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr,
     M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    H2, W2, C2, stride2_h, stride2_w,
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -124,6 +135,24 @@ def conv2d_fwd_kernel(
                 b = tl.load(w_base + kk[:, None] * COUT_G + b_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
+    if HAS_SHORTCUT:
+        # Projection shortcut, a second GEMM into the same accumulator: row
+        # m = (n, oh, ow) reads the block input x2 at (n, oh*s2, ow*s2); the
+        # 1x1 conv has no padding, so every row in range is in the image.
+        ow2 = offs_m % OW
+        t2 = offs_m // OW
+        oh2 = t2 % OH
+        # int64 row offsets: N*H2*W2*C2 may pass 2**31.
+        a2_rows = x2_ptr + (((t2 // OH).to(tl.int64) * H2 + oh2 * stride2_h) * W2 + ow2 * stride2_w) * C2
+        # w2 is (C2, C_out), one group: C2*C_out stays far below 2**31.
+        b2_cols = (g * COUT_G + offs_n)[None, :]
+        for k0 in range(0, C2, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < C2
+            a = tl.load(a2_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w2_ptr + kk[:, None] * C_out + b2_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
     chan = g * COUT_G + offs_n
     if EMIT_STATS:
         # Rows past M and columns past COUT_G hold exact zeros (their loads
@@ -149,3 +178,48 @@ def conv2d_fwd_kernel(
         # where(out < 0) rather than maximum: NaN stays NaN, as torch.relu does.
         out = tl.where(out < 0.0, 0.0, out)
     tl.store(y_ptr + tile_base + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The conv without the shortcut GEMM (x2/w2 are never read)."""
+    _conv2d_fwd(
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x_ptr, w_ptr,
+        M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        1, 1, 1, 1, 1,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+
+
+@triton.jit
+def conv2d_fwd_shortcut_kernel(
+    x_ptr, w_ptr, y_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr,
+    M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    H2, W2, C2, stride2_h, stride2_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The conv plus the projection shortcut GEMM (HAS_SHORTCUT=True)."""
+    _conv2d_fwd(
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr,
+        M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        H2, W2, C2, stride2_h, stride2_w,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, True, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )

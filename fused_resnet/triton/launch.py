@@ -17,7 +17,8 @@ import triton
 
 from .. import _conv_args
 from . import autotune_cache, conv_configs
-from .conv2d_fwd import KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel
+from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel,
+                         conv2d_fwd_shortcut_kernel)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -125,9 +126,14 @@ def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_c
 
 
 def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats,
-                  config: conv_configs.ConvConfig | None = None):
+                  config: conv_configs.ConvConfig | None = None, *, x2=None, weight2=None, stride2=1):
     """Run the Triton kernel. Same contract as reference.conv2d_bn_act; y is
-    channels_last. `config` forces a tile config (tests, benchmarks)."""
+    channels_last. `config` forces a tile config (tests, benchmarks).
+
+    With `x2` and `weight2` (inference only: no statistics), the projection
+    shortcut conv1x1(x2, weight2, stride2) is accumulated into the same tile
+    before the epilogue: y = [relu]((conv(x, w) + conv1x1(x2, w2)) * scale +
+    shift [+ residual]) (see reference.conv2d_bias_act_shortcut)."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"conv2d_bn_act (triton): `x` must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype:
@@ -156,6 +162,16 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
     if residual is not None and tuple(residual.shape) != tuple(y.shape):
         raise ValueError(f"conv2d_bn_act: `residual` has shape {tuple(residual.shape)}, expected the output's {tuple(y.shape)}")
 
+    shortcut = x2 is not None or weight2 is not None
+    if shortcut:
+        if x2 is None or weight2 is None:
+            raise ValueError("conv2d_bn_act: the shortcut needs both `x2` and `weight2` (or neither)")
+        if emit_stats:
+            raise ValueError("conv2d_bn_act: the shortcut GEMM is inference-only; it cannot be combined with "
+                             "emit_stats (the sums would include the shortcut)")
+        s2h, s2w = _conv_args.check_shortcut(x, x2, weight2, stride2, y.shape, "conv2d_bn_act")
+        _, c2, h2, w2 = x2.shape
+
     if m == 0 or c_out == 0:
         z = torch.zeros(c_out, dtype=torch.float32, device=dev)
         return (y, z, z.clone()) if emit_stats else (y, z[:0], z[:0])
@@ -166,6 +182,9 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
     sc = scale.detach().to(device=dev, dtype=torch.float32).contiguous() if scale is not None else dummy
     sf = shift.detach().to(device=dev, dtype=torch.float32).contiguous() if shift is not None else dummy
     rs = residual.detach().contiguous(memory_format=torch.channels_last) if residual is not None else y
+    if shortcut:
+        x2c = x2.detach().contiguous(memory_format=torch.channels_last)
+        w2p = prepare_weight(weight2, 1)  # (1, C2, C_out): row k of the shortcut's B matrix is contiguous
 
     if kh == 1 and kw == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
         mode = MODE_GEMM
@@ -188,15 +207,25 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
         else:
             ps = pq = dummy
         grid = (num_m_tiles * triton.cdiv(cout_g, cfg.block_n), groups)
-        conv2d_fwd_kernel[grid](
-            xc, wp, y, sc, sf, rs, ps, pq,
-            m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
-            sh, sw, ph, pw, dh, dw,
-            KH=kh, KW=kw, MODE=mode,
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-            RELU=bool(relu), EMIT_STATS=bool(emit_stats), INPUT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
-        )
+        meta = dict(KH=kh, KW=kw, MODE=mode,
+                    HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+                    RELU=bool(relu), EMIT_STATS=bool(emit_stats), INPUT_PRECISION=precision,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta())
+        if shortcut:
+            conv2d_fwd_shortcut_kernel[grid](
+                xc, wp, y, sc, sf, rs, ps, pq, x2c, w2p,
+                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
+                sh, sw, ph, pw, dh, dw,
+                h2, w2, c2, s2h, s2w,
+                **meta,
+            )
+        else:
+            conv2d_fwd_kernel[grid](
+                xc, wp, y, sc, sf, rs, ps, pq,
+                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
+                sh, sw, ph, pw, dh, dw,
+                **meta,
+            )
 
     if config is None:
         if dev.type != "cuda":
@@ -204,6 +233,10 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
         else:
             arch = conv_configs.arch_family(torch.cuda.get_device_capability(dev))
             epilogue = ("stats" if emit_stats else "") + ("res" if residual is not None else "") or "plain"
+            if shortcut:
+                # The shortcut GEMM's depth and stride change the tile's work
+                # and registers: its own autotune entry.
+                epilogue += f"-sc{c2}s{s2h}x{s2w}"
             bucket = conv_configs.shape_bucket(m, c_in, c_out, kh, kw, (sh, sw), (dh, dw), groups, epilogue)
             key = autotune_cache.make_key(arch, str(x.dtype).replace("torch.", "") + f"-{precision}", bucket,
                                           KERNEL_VERSION)
