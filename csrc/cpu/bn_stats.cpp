@@ -122,16 +122,19 @@ void stats_planes(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>
   });
   at::parallel_for(0, l.C, 16, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
+      // Merged in double: fp32 running sums over millions of values per
+      // channel drift by ~1e-5 relative when the partials are far from the
+      // shift (an outlier first value).
       int64_t n = 0;
-      acc_t mean = 0, m2 = 0;
+      double mean = 0, m2 = 0;
       for (int64_t i = 0; i < l.N; ++i) {
         for (int64_t s = 0; s < nseg; ++s) {
           const int64_t t = (i * l.C + c) * nseg + s;
-          chan_merge(n, mean, m2, std::min(kPlaneSeg, l.S - s * kPlaneSeg), pm[t], pq[t]);
+          chan_merge<double>(n, mean, m2, std::min(kPlaneSeg, l.S - s * kPlaneSeg), pm[t], pq[t]);
         }
       }
-      mean_out[c] = mean + k[c];
-      var_out[c] = m2 / static_cast<acc_t>(n);
+      mean_out[c] = static_cast<acc_t>(mean + static_cast<double>(k[c]));
+      var_out[c] = static_cast<acc_t>(m2 / static_cast<double>(n));
     }
   });
 }
@@ -207,36 +210,34 @@ void stats_rows(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* 
   // channels, so the Chan weights are computed once per block and the inner
   // loop runs across channels.
   at::parallel_for(0, C, 256, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      mean_out[c] = 0;
-      var_out[c] = 0;
-    }
+    // Merged in double, as in stats_planes.
+    std::vector<double> mean_acc(ce - cb, 0.0), m2_acc(ce - cb, 0.0);
     int64_t seen = 0;
     for (int64_t k = 0; k < nblk; ++k) {
       const int64_t nb = std::min(rb, R - k * rb);
       const int64_t nt = seen + nb;
-      const acc_t wb = static_cast<acc_t>(static_cast<double>(nb) / static_cast<double>(nt));
-      const acc_t wab = static_cast<acc_t>(static_cast<double>(seen) * static_cast<double>(nb) / static_cast<double>(nt));
+      const double wb = static_cast<double>(nb) / static_cast<double>(nt);
+      const double wab = static_cast<double>(seen) * static_cast<double>(nb) / static_cast<double>(nt);
       const acc_t* bm = pm.data() + k * C;
       const acc_t* bq = pq.data() + k * C;
       for (int64_t c = cb; c < ce; ++c) {
-        const acc_t mb = bm[c];
-        acc_t mean = mean_out[c];
+        const double mb = static_cast<double>(bm[c]);
+        double& mean = mean_acc[c - cb];
+        double& m2 = m2_acc[c - cb];
         if (std::isfinite(mean) && std::isfinite(mb)) {
-          const acc_t delta = mb - mean;
-          mean_out[c] = mean + delta * wb;
-          var_out[c] = var_out[c] + bq[c] + delta * delta * wab;
+          const double delta = mb - mean;
+          mean = mean + delta * wb;
+          m2 = m2 + static_cast<double>(bq[c]) + delta * delta * wab;
         } else {  // same Inf/NaN rule as chan_merge
-          mean_out[c] = seen == 0 ? mb : mean + mb;
-          var_out[c] = std::numeric_limits<acc_t>::quiet_NaN();
+          mean = seen == 0 ? mb : mean + mb;
+          m2 = std::numeric_limits<double>::quiet_NaN();
         }
       }
       seen = nt;
     }
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(R);
     for (int64_t c = cb; c < ce; ++c) {
-      mean_out[c] += kk[c];
-      var_out[c] *= inv;
+      mean_out[c] = static_cast<acc_t>(mean_acc[c - cb] + static_cast<double>(kk[c]));
+      var_out[c] = static_cast<acc_t>(m2_acc[c - cb] / static_cast<double>(R));
     }
   });
 }

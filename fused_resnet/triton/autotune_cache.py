@@ -91,9 +91,17 @@ class AutotuneCache:
             except Exception:  # noqa: BLE001 - a bad file on disk is simply replaced
                 pass
             fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                # e.g. the path is a directory, or the disk is full: leave no stray temporary file.
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
         except OSError as exc:
             self._write_failed = True
             warnings.warn(
