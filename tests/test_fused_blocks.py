@@ -74,11 +74,14 @@ def _check_buffers(fused, eager, ref, what, dtype=torch.float32):
             numerics.assert_close_to_reference(bf, be, br, dtype=dtype, what=f"{what}: {name}")
 
 
-def run_and_compare(fused, eager, ref, x, train, what, backward=True, dtype=torch.float32, eager_twin=None):
-    """eager_twin: optional copy of eager in the other memory format, whose
-    gradient error also counts as "eager's own" for the normwise check."""
-    twins = [] if eager_twin is None else [eager_twin]
-    for m in [fused, eager, ref] + twins:
+def run_and_compare(fused, eager, ref, x, train, what, backward=True, dtype=torch.float32, eager_twins=()):
+    """eager_twins: (copy of eager, input memory format, oneDNN on/off): other,
+    equally valid eager executions (another layout, another CPU conv
+    algorithm), whose gradient errors also count as "eager's own" for the
+    normwise check: across a whole fp32 network, which pre-activations tie
+    with zero is a lottery each execution draws differently."""
+    twins = list(eager_twins)
+    for m in [fused, eager, ref] + [t[0] for t in twins]:
         m.train(train)
     dev = next(eager.parameters()).device
     yf = fused(x)
@@ -90,11 +93,21 @@ def run_and_compare(fused, eager, ref, x, train, what, backward=True, dtype=torc
         yf.backward(g.to(dev, yf.dtype))
         ye.backward(g.to(dev, ye.dtype))
         yr.backward(g)
-        for t in twins:
-            other = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-            t(x.contiguous(memory_format=other)).backward(g.to(dev, ye.dtype))
-        _check_grads(fused, eager, ref, what, dtype, eager_twins=twins)
+        for model, fmt, onednn in twins:
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                model(x.contiguous(memory_format=fmt)).backward(g.to(dev, ye.dtype))
+        _check_grads(fused, eager, ref, what, dtype, eager_twins=[t[0] for t in twins])
     _check_buffers(fused, eager, ref, what, dtype)
+
+
+def eager_twins_of(eager, x):
+    """The other layout with oneDNN as usual, and (on CPU) both layouts with
+    oneDNN off (aten's own convolution)."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    same = torch.channels_last if cl else torch.contiguous_format
+    other = torch.contiguous_format if cl else torch.channels_last
+    specs = [(other, True)] + ([(same, False), (other, False)] if x.device.type == "cpu" else [])
+    return [(copy.deepcopy(eager).to(memory_format=fmt), fmt, onednn) for fmt, onednn in specs]
 
 
 MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
@@ -111,9 +124,8 @@ def test_model_matches_eager(device, name, train, channels_last):
     x = torch.randn(2, 3, 64, 64, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    other = torch.contiguous_format if channels_last else torch.channels_last
-    twin = copy.deepcopy(eager).to(memory_format=other)
-    run_and_compare(fused, eager, ref, x, train, f"{name} train={train} cl={channels_last}", eager_twin=twin)
+    run_and_compare(fused, eager, ref, x, train, f"{name} train={train} cl={channels_last}",
+                    eager_twins=eager_twins_of(eager, x))
 
 
 BLOCKS = [
