@@ -165,12 +165,9 @@ def bn_backward(
     """Backward of bn_apply: dz, dresidual (dy masked, or empty), dweight, dbias."""
     acc = stat_dtype(z.dtype)
     fmt = memory_format_of(z)
-    g = dy.to(acc)
-    if mask.numel() > 0:
-        # A select, as eager's threshold_backward: NaN at a masked position -> 0.
-        g = torch.where(unpack_mask(mask, z, fmt), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    g = _masked_grad(dy, z, mask, acc)
     dims = [d for d in range(z.dim()) if d != 1]
-    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    xhat = _xhat(z, mean, invstd, acc)
     dbias = g.sum(dim=dims)
     dweight = (g * xhat).sum(dim=dims)
     w = torch.ones_like(invstd, dtype=acc) if weight is None else weight.to(acc)
@@ -191,8 +188,13 @@ def bn_backward(
 def _masked_grad(dy, z, mask, acc):
     g = dy.to(acc)
     if mask.numel() > 0:
+        # A select, as eager's threshold_backward: NaN at a masked position -> 0.
         g = torch.where(unpack_mask(mask, z, memory_format_of(z)), g, torch.zeros((), dtype=g.dtype, device=g.device))
     return g
+
+
+def _xhat(z, mean, invstd, acc):
+    return (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
 
 
 def bn_backward_reduce(
@@ -202,7 +204,7 @@ def bn_backward_reduce(
     acc = stat_dtype(z.dtype)
     g = _masked_grad(dy, z, mask, acc)
     dims = [d for d in range(z.dim()) if d != 1]
-    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    xhat = _xhat(z, mean, invstd, acc)
     return g.sum(dim=dims), (g * xhat).sum(dim=dims)
 
 
@@ -224,7 +226,7 @@ def bn_backward_elemt(
     acc = stat_dtype(z.dtype)
     fmt = memory_format_of(z)
     g = _masked_grad(dy, z, mask, acc)
-    xhat = (z.to(acc) - _per_channel(mean.to(acc), z.dim())) * _per_channel(invstd.to(acc), z.dim())
+    xhat = _xhat(z, mean, invstd, acc)
     w = torch.ones_like(invstd, dtype=acc) if weight is None else weight.to(acc)
     k = _per_channel(w * invstd.to(acc), z.dim())
     m = max(count, 1)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .. import _backend
 from . import reference
-from ._dispatch import native_op, use_native
+from .batch_norm_act import _apply
 from .bn_backward_elemt import bn_backward_elemt
 from .bn_backward_reduce import bn_backward_reduce
 from .bn_finalize import bn_finalize
@@ -38,12 +38,6 @@ def world_size(process_group=None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
-
-
-def _apply(z, scale, shift, residual, relu, backend):
-    if use_native("bn_apply", z, backend):
-        return native_op("bn_apply")(z, scale, shift, residual, relu, None)
-    return reference.bn_apply(z, scale, shift, residual, relu, None)
 
 
 class _SyncBatchNormAct(torch.autograd.Function):
