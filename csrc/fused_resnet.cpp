@@ -30,6 +30,12 @@ TORCH_LIBRARY(fused_resnet, m) {
   // y = relu(x + residual). The foundation op: the smallest real fusion.
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
 
+  // F.max_pool2d's output without its indices (inference after the stem);
+  // no autograd: callers that need a gradient use F.max_pool2d.
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
+
   // Per-channel batch mean and *biased* variance of z, numerically stable
   // (Welford / Chan merge), accumulated in fp32 (fp64 for fp64 z).
   m.def("bn_stats(Tensor z) -> (Tensor mean, Tensor var)");

@@ -167,15 +167,21 @@ void reduce_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_
         }
       }
     });
+    // Block partials summed in order, in double: fp32 running sums over
+    // millions of values per channel drift (as bn_stats' merges did).
     at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        acc_t g = 0, x = 0;
-        for (int64_t k = 0; k < nblk; ++k) {
-          g += pg[k * C + c];
-          x += px[k * C + c];
+      std::vector<double> g(ce - cb, 0.0), x(ce - cb, 0.0);
+      for (int64_t k = 0; k < nblk; ++k) {
+        const acc_t* bg = pg.data() + k * C;
+        const acc_t* bx = px.data() + k * C;
+        for (int64_t c = cb; c < ce; ++c) {
+          g[c - cb] += static_cast<double>(bg[c]);
+          x[c - cb] += static_cast<double>(bx[c]);
         }
-        sg_out[c] = g;
-        sx_out[c] = x;
+      }
+      for (int64_t c = cb; c < ce; ++c) {
+        sg_out[c] = static_cast<acc_t>(g[c - cb]);
+        sx_out[c] = static_cast<acc_t>(x[c - cb]);
       }
     });
   } else {
@@ -194,15 +200,15 @@ void reduce_all(const grad_t* dy, const scalar_t* z, const uint8_t* mask, int64_
     });
     at::parallel_for(0, l.C, 16, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
-        acc_t g = 0, x = 0;
+        double g = 0, x = 0;  // in double, as in the rows layout
         for (int64_t nn = 0; nn < l.N; ++nn) {
           for (int64_t s = 0; s < nseg; ++s) {
-            g += pg[(nn * l.C + c) * nseg + s];
-            x += px[(nn * l.C + c) * nseg + s];
+            g += static_cast<double>(pg[(nn * l.C + c) * nseg + s]);
+            x += static_cast<double>(px[(nn * l.C + c) * nseg + s]);
           }
         }
-        sg_out[c] = g;
-        sx_out[c] = x;
+        sg_out[c] = static_cast<acc_t>(g);
+        sx_out[c] = static_cast<acc_t>(x);
       }
     });
   }

@@ -165,7 +165,7 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
     )
 
 
-def _mkldnn_unit(conv, bn, x, residual, relu):
+def _mkldnn_unit(conv, bn, x, residual, relu, residual_owned=False):
     def pack():
         w, b = _fold.fold(conv, bn)
         packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -177,9 +177,28 @@ def _mkldnn_unit(conv, bn, x, residual, relu):
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, "relu" if relu else "none", [None], "")
-    other = residual.contiguous(memory_format=_suggest_format(x))
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, other, w, b, *args, "add", None, "relu" if relu else None, [None], ""
+    fmt = _suggest_format(x)
+    unary = "relu" if relu else None
+    if residual_owned and _can_accumulate_into(residual, x, fmt):
+        # oneDNN's "sum" post-op: the result is written over the residual,
+        # which nobody else reads (see block_forward); no output allocation,
+        # and one tensor less alive at the block's peak.
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, w, b, *args, "add", None, unary, [None], ""
+        )
+    other = residual.contiguous(memory_format=fmt)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, b, *args, "add", None, unary, [None], "")
+
+
+def _can_accumulate_into(residual: torch.Tensor, x: torch.Tensor, fmt: torch.memory_format) -> bool:
+    return (
+        hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+        and not torch.is_grad_enabled()
+        and residual.dtype == x.dtype
+        and residual.is_contiguous(memory_format=fmt)
+        and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        # An inference tensor may only be written inside inference mode.
+        and (torch.is_inference_mode_enabled() or not residual.is_inference())
     )
 
 
@@ -195,9 +214,9 @@ def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, relu: bool, backen
     return torch.relu(y) if relu else y
 
 
-def _eval_unit(conv, bn, x, residual, relu, backend):
+def _eval_unit(conv, bn, x, residual, relu, backend, residual_owned=False):
     if backend == "cpu" and _mkldnn_usable(x, conv, bn):
-        return _mkldnn_unit(conv, bn, x, residual, relu)
+        return _mkldnn_unit(conv, bn, x, residual, relu, residual_owned)
     w, b = _fold.cached(conv, bn, "fold", lambda: _fold.fold(conv, bn))
     if backend == "cudnn" and x.device.type == "cuda":
         from ..ops import cudnn_conv
@@ -310,15 +329,17 @@ def _train_unit(conv, bn, x, residual, relu, backend):
 
 
 def unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, relu: bool,
-         backend: str) -> torch.Tensor:
-    """relu?(bn(conv(x)) [+ residual]) with eager's semantics, fused."""
+         backend: str, residual_owned: bool = False) -> torch.Tensor:
+    """relu?(bn(conv(x)) [+ residual]) with eager's semantics, fused.
+    residual_owned: nobody reads `residual` after this call, so an inference
+    path may write its result over it."""
     if x.dim() != 4:  # nn.BatchNorm2d's own check and text
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
     if not x.is_floating_point():
         raise TypeError(f"fused_resnet: the input must be a floating-point tensor, got {x.dtype}")
     if _uses_batch_stats(bn):
         return _train_unit(conv, bn, x, residual, relu, backend)
-    return _eval_unit(conv, bn, x, residual, relu, backend)
+    return _eval_unit(conv, bn, x, residual, relu, backend, residual_owned)
 
 
 def _downsample_supported(ds: nn.Module | None) -> bool:
@@ -395,8 +416,11 @@ def _shortcut_gemm_unit(conv: nn.Module, bn: nn.Module, out: torch.Tensor, x: to
                                         conv.dilation, conv.groups, backend="triton")
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """Forward of a FusedBasicBlock / FusedBottleneck on `backend`."""
+def block_forward(block: nn.Module, x: torch.Tensor, backend: str, input_owned: bool = False) -> torch.Tensor:
+    """Forward of a FusedBasicBlock / FusedBottleneck on `backend`.
+    input_owned: nobody reads `x` after this block (see
+    may_overwrite_block_inputs), so an identity shortcut may be overwritten
+    with the block's output; a downsample's output always may."""
     if not block_supported(block):
         return block.reference_forward(x)
     out = unit(block.conv1, block.bn1, x, None, True, backend)
@@ -408,7 +432,56 @@ def block_forward(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tens
     if _shortcut_gemm_usable(block, last_conv, last_bn, out, x, backend):
         return _shortcut_gemm_unit(last_conv, last_bn, out, x, block.downsample)
     identity = _shortcut(block, x, backend)
-    return unit(last_conv, last_bn, out, identity, True, backend)
+    owned = input_owned or block.downsample is not None
+    return unit(last_conv, last_bn, out, identity, True, backend, residual_owned=owned)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def may_overwrite_block_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
+                               model_input: torch.Tensor) -> bool:
+    """Whether a ResNet's forward may run the blocks of `layers` itself with
+    every block input owned (overwritten by the block's output where the
+    block ends in an identity shortcut): no gradient, a CPU fp32 input (the
+    only path that writes in place is oneDNN's), not tracing, only supported
+    fused blocks in plain nn.Sequential layers, no forward hooks anywhere on
+    the chain or the stem (a hook could hold a block's output, i.e. the next
+    block's input), and the first block's input `x` not the caller's
+    `model_input` (a stem of Identity modules)."""
+    from . import blocks
+    from torch.nn.modules import module as _module
+
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu"
+            or x.dtype != torch.float32):
+        return False
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    if x.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
+        return False
+    if any(_has_hooks(m) for m in (model.conv1, model.bn1, model.relu, model.maxpool)):
+        return False
+    for layer in layers:
+        if type(layer) is not nn.Sequential or _has_hooks(layer):
+            return False
+        for block in layer:
+            if not isinstance(block, (blocks.FusedBasicBlock, blocks.FusedBottleneck)) or _has_hooks(block):
+                return False
+    return True
+
+
+def pool_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """model.maxpool(x); on CPU with no gradient wanted, through ops.max_pool2d,
+    which skips the int64 indices aten computes next to the output."""
+    from torch.nn.modules import module as _module
+
+    mp = model.maxpool
+    if (backend == "reference" or type(mp) is not nn.MaxPool2d or mp.return_indices or _has_hooks(mp)
+            or _module._global_forward_hooks or _module._global_forward_pre_hooks
+            or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
+        return mp(x)
+    return ops.max_pool2d(x, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode, backend=backend)
 
 
 def stem_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:

@@ -56,6 +56,16 @@ class _FusedBlockMixin:
             return self.reference_forward(x)
         return self._fused_forward(x, backend)
 
+    def _forward_input_owned(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(), told that nobody reads x afterwards (a ResNet's own
+        chain of blocks, see block_paths.may_overwrite_block_inputs)."""
+        from . import block_paths
+
+        backend = self.resolved_backend(x)
+        if backend == "reference":
+            return self.reference_forward(x)
+        return block_paths.block_forward(self, x, backend, input_owned=True)
+
 
 class FusedBasicBlock(_FusedBlockMixin, nn.Module):
     expansion: int = 1

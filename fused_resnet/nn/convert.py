@@ -57,6 +57,16 @@ class _FusedStemMixin:
 
         return ResNet._stem(self, x)
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        from .resnet import ResNet
+
+        return ResNet._pool(self, x)
+
+    def _layers(self, held: list[torch.Tensor], model_input: torch.Tensor) -> torch.Tensor:
+        from .resnet import ResNet
+
+        return ResNet._layers(self, held, model_input)
+
 
 _stem_classes: dict[type, type] = {}
 

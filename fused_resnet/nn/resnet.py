@@ -159,17 +159,39 @@ class ResNet(nn.Module):
         return block_paths.stem_forward(self, x, backend)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._stem(x)
-        x = self.maxpool(x)
-
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        # The pooled stem output goes to _layers in a list it empties, so that
+        # no frame of ours keeps it alive once layer1 has consumed it.
+        x = self._layers([self._pool(self._stem(x))], x)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         x = self.fc(x)
+        return x
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import _backend
+        from . import block_paths
+
+        return block_paths.pool_forward(self, x, _backend.resolve(self._backend_choice, x.device))
+
+    def _layers(self, held: list[torch.Tensor], model_input: torch.Tensor) -> torch.Tensor:
+        """layer1..layer4 on held.pop() (the pooled stem output)."""
+        from . import block_paths
+
+        x = held.pop()
+        layers = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if not block_paths.may_overwrite_block_inputs(self, layers, x, model_input):
+            for layer in layers:
+                x = layer(x)
+            return x
+        # Inference without hooks: every block input is a temporary of this
+        # loop, so an identity block may write its output over its input
+        # (what torch.compile's memory planning does): fewer allocations and
+        # a lower peak, which on CPU also keeps the allocator from handing
+        # pages back to the OS and faulting them in again on the next call.
+        for layer in layers:
+            for block in layer:
+                x = block._forward_input_owned(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .bn_backward_reduce import bn_backward_reduce
 from .bn_finalize import bn_finalize
 from .bn_stats import bn_stats
 from .conv2d_bn_act import conv2d_bias_act_shortcut, conv2d_bn_act
+from .max_pool2d import max_pool2d
 from .sync_batch_norm_act import sync_batch_norm_act
 from . import cudnn_conv
 
@@ -30,6 +31,7 @@ __all__ = [
     "bn_stats",
     "conv2d_bn_act",
     "conv2d_bias_act_shortcut",
+    "max_pool2d",
     "sync_batch_norm_act",
     "cudnn_conv",
 ]
