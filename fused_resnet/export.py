@@ -42,6 +42,7 @@ def _conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dil
 # op name -> its aten-level definition (same arguments, same outputs).
 _DEFINITIONS: dict[str, Callable[..., Any]] = {
     "add_relu": reference.add_relu,
+    "max_pool2d": reference.max_pool2d,
     "bn_stats": reference.bn_stats,
     "bn_apply": _bn_apply,
     "bn_backward": reference.bn_backward,

@@ -28,6 +28,20 @@ def test_exported_program_matches_and_holds_our_ops(model_and_program):
         torch.testing.assert_close(program.module()(x2), model(x2), rtol=1e-5, atol=1e-5)
 
 
+def test_no_grad_export_keeps_the_pool_op_and_lowers_it():
+    if not NATIVE:
+        pytest.skip("fused_resnet._C not built")
+    torch.manual_seed(0)
+    model = fused_resnet.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        assert "fused_resnet.max_pool2d.default" in fexport.fused_ops_in(program)
+        lowered = fexport.to_aten(program)
+        assert fexport.fused_ops_in(lowered) == []
+        torch.testing.assert_close(lowered.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_to_aten_removes_every_fused_op(model_and_program):
     model, x, program = model_and_program
     lowered = fexport.to_aten(program)
@@ -49,6 +63,8 @@ def test_every_decomposition_matches_its_op():
     want = torch.ops.fused_resnet.bn_apply(z, scale, shift, r, True)
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1])  # the packed ReLU mask, bit for bit
+    torch.testing.assert_close(table["fused_resnet.max_pool2d.default"](z, [3, 3], [2, 2], [1, 1], [1, 1], True),
+                               torch.ops.fused_resnet.max_pool2d(z, [3, 3], [2, 2], [1, 1], [1, 1], True))
     got_m, got_v = table["fused_resnet.bn_stats.default"](z)
     want_m, want_v = torch.ops.fused_resnet.bn_stats(z)
     torch.testing.assert_close(got_m, want_m), torch.testing.assert_close(got_v, want_v)

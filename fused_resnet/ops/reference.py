@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "add_relu",
+    "max_pool2d",
     "bn_stats",
     "bn_finalize",
     "bn_apply",
@@ -81,6 +82,11 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """y = relu(x + residual)."""
     return torch.relu(x + residual)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> torch.Tensor:
+    """F.max_pool2d(x, ...) without indices (the contract of ops.max_pool2d)."""
+    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def bn_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
