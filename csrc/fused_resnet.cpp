@@ -30,6 +30,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   // y = relu(x + residual). The foundation op: the smallest real fusion.
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
 
+  // The packed 1-bit ReLU mask !(y <= 0) of a ReLU output y (eager's ReLU
+  // backward from its output), in bn_apply's bit order: the fused backward's
+  // input when the ReLU output is what is saved.
+  m.def("relu_mask(Tensor y) -> Tensor");
+
   // F.max_pool2d's output without its indices (inference after the stem);
   // no autograd: callers that need a gradient use F.max_pool2d.
   m.def(

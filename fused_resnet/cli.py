@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode for inference (auto: max-autotune on GPU, default on CPU); "
                         "training always uses the default mode")
     p.add_argument("--relu-saves", choices=("mask", "output"), default=None,
-                   help="what fused training keeps for the ReLU backward: a 1-bit mask (default, faster) or the "
-                        "output the next conv saves anyway (no more memory than eager); see set_relu_saves")
+                   help="what fused training keeps for the ReLU backward: the output the next conv saves anyway "
+                        "(default: no more memory than eager) or a 1-bit mask beside it; see set_relu_saves")
     p.add_argument("--roofline", action="store_true", help="also print the per-conv roofline report")
     p.add_argument("--json", metavar="PATH", help="write every figure, the device and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart of images/s (needs matplotlib)")

@@ -43,6 +43,7 @@ def _conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dil
 _DEFINITIONS: dict[str, Callable[..., Any]] = {
     "add_relu": reference.add_relu,
     "max_pool2d": reference.max_pool2d,
+    "relu_mask": reference.relu_mask,
     "bn_stats": reference.bn_stats,
     "bn_apply": _bn_apply,
     "bn_backward": reference.bn_backward,

@@ -20,7 +20,7 @@ import torch
 from fused_resnet import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BN_OPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward")
+BN_OPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
 # Kernel source -> the __global__ functions it must define (as they appear,
 # length-prefixed, in the mangled names).
 BN_KERNELS = {
@@ -28,6 +28,7 @@ BN_KERNELS = {
     "bn_finalize_kernel": ("finalize_kernel",),
     "bn_apply_kernel": ("apply_kernel",),
     "bn_backward_kernel": ("reduce_rows_kernel", "reduce_planes_kernel", "combine_kernel", "grad_kernel"),
+    "relu_mask_kernel": ("relu_mask_kernel",),
 }
 ARCHS = ("sm_80", "sm_90")
 

@@ -18,8 +18,9 @@ from fused_resnet.ops import batch_norm_act
 
 @pytest.fixture
 def relu_saves():
+    old = fused_resnet.relu_saves()
     yield fused_resnet.set_relu_saves
-    fused_resnet.set_relu_saves("mask")
+    fused_resnet.set_relu_saves(old)
 
 
 def _run(mode, backend, native, dtype=torch.float64, cl=False):

@@ -23,6 +23,10 @@ inline int grid_size(int64_t work, int threads, int num_sms) {
 cudaError_t add_relu_launch(DType dtype, const void* x, const void* r, void* y, int64_t n, int num_sms,
                             cudaStream_t stream);
 
+// Packed ReLU mask !(y <= 0) of n elements into ceil(n / 8) bytes (relu_mask_kernel.cu).
+cudaError_t relu_mask_launch(DType dtype, const void* y, uint8_t* mask, int64_t n, int num_sms,
+                             cudaStream_t stream);
+
 // ---- BatchNorm (bn_*_kernel.cu) ----------------------------------------------
 
 // z as laid out in memory: [outer, C, inner]. Channels_last (and 2-D) data is

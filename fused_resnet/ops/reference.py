@@ -14,6 +14,7 @@ import torch.nn.functional as F
 __all__ = [
     "add_relu",
     "max_pool2d",
+    "relu_mask",
     "bn_stats",
     "bn_finalize",
     "bn_apply",
@@ -82,6 +83,12 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
 def add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """y = relu(x + residual)."""
     return torch.relu(x + residual)
+
+
+def relu_mask(y: torch.Tensor) -> torch.Tensor:
+    """The packed ReLU mask !(y <= 0) of a ReLU output (eager's
+    threshold_backward keeps the gradient exactly there), in y's memory order."""
+    return pack_mask(~(y <= 0), memory_format_of(y))
 
 
 def max_pool2d(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> torch.Tensor:
