@@ -13,14 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fused_resnet
 from fused_resnet import _backend, numerics
 from fused_resnet.ops import batch_norm_act
 
 from bench_settings import BATCH, DEVICE, DTYPE, ON_GPU  # benchmarks/ is on sys.path under pytest
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
-PROVIDERS = ["eager", pytest.param("fused", marks=pytest.mark.skipif(
-    _backend.resolve(None, DEVICE) == "reference", reason="no fused BN kernels for this device (extension not built)"))]
+_NO_KERNELS = pytest.mark.skipif(_backend.resolve(None, DEVICE) == "reference",
+                                 reason="no fused BN kernels for this device (extension not built)")
+# fused: what the fused models run (set_relu_saves default "output": the
+# backward packs its ReLU mask from y); fused-mask: the 1-bit mask saved by
+# the forward (set_relu_saves("mask")).
+PROVIDERS = ["eager", pytest.param("fused", marks=_NO_KERNELS), pytest.param("fused-mask", marks=_NO_KERNELS)]
 
 
 def _eager(z, w, b, rm, rv, nbt, r):
@@ -42,9 +47,9 @@ def _state(C, H, device, dtype):
 
 
 def _bytes(z, backward):
-    # Fused minimum: forward reads z twice (stats, apply) and r, writes y and
-    # the 1-bit mask; backward reads dy and z twice and the mask twice, writes
-    # dz and dr.
+    # Fused minimum ("mask" mode): forward reads z twice (stats, apply) and r,
+    # writes y and the 1-bit mask; backward reads dy and z twice and the mask
+    # twice, writes dz and dr. ("output" mode reads y once more.)
     e = z.element_size() * z.numel()
     mask = z.numel() / 8
     fwd = 2 * e + e + e + mask
@@ -56,8 +61,17 @@ def _bytes(z, backward):
 @pytest.mark.parametrize("C,H", STAGES, ids=[f"{c}x{h}x{h}" for c, h in STAGES])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bn_add_relu(benchmark, timed, provider, C, H, backward):
+    old = fused_resnet.relu_saves()
+    fused_resnet.set_relu_saves("mask" if provider == "fused-mask" else "output")
+    try:
+        _measure(benchmark, timed, provider, C, H, backward)
+    finally:
+        fused_resnet.set_relu_saves(old)
+
+
+def _measure(benchmark, timed, provider, C, H, backward):
     z, r, w, b = _state(C, H, DEVICE, DTYPE)
-    fn = _fused if provider == "fused" else _eager
+    fn = _eager if provider == "eager" else _fused
 
     def args():
         rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
@@ -94,7 +108,9 @@ def test_bn_add_relu(benchmark, timed, provider, C, H, backward):
         with torch.no_grad():
             return fn(zt, wt, bt, *st, rt)
 
-    timed(benchmark, step, DEVICE, rounds=20 if ON_GPU else 5)
+    # CPU: enough rounds that the median is not one of the calls that fault
+    # fresh pages in (the allocator returns big blocks to the OS between calls).
+    timed(benchmark, step, DEVICE, rounds=20, warmup_rounds=3)
     if benchmark.stats is not None:
         secs = benchmark.stats.stats.median
         benchmark.extra_info["GB/s (fused minimum bytes)"] = round(_bytes(z, backward) / secs / 1e9, 1)

@@ -50,6 +50,7 @@ _DEFINITIONS: dict[str, Callable[..., Any]] = {
     "batch_norm_act": _batch_norm_act,
     "conv2d_bn_act": _conv2d_bn_act,
     "conv2d_bias_act_shortcut": reference.conv2d_bias_act_shortcut,
+    "conv2d_prologue_bn_act": reference.conv2d_prologue_bn_act,
 }
 
 

@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -31,6 +30,7 @@ import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
+from interp_suite import drop_interp_tests_outside_the_interpreter, run_interp_tests
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -334,26 +334,7 @@ def test_interp_optimize_on_triton(monkeypatch):
 
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    if IN_INTERPRETER:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    junit = tmp_path / "interp.xml"
-    env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("FUSED_RESNET_BACKEND", None)
-    env.pop("FUSED_RESNET_FUSIONS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-k", "interp and not interpreter_suite",
-         "-p", "no:cacheprovider", f"--junitxml={junit}"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert junit.exists(), f"interpreter run wrote no report (exit {proc.returncode}):\n{tail}"
-    suite = ET.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    expected = (len(SHAPES) * len(DTYPES) + 3 + 2 + 1 + 1 + len(BLOCKS) * len(DTYPES) + 2 + 1 + 1 + 1 + 1)
-    assert proc.returncode == 0 and counts["failures"] == counts["errors"] == 0, f"{counts}\n{tail}"
-    assert counts["skipped"] == 0 and counts["tests"] == expected, f"expected {expected} tests to run: {counts}\n{tail}"
+    run_interp_tests(__file__, tmp_path, expected=(len(SHAPES) * len(DTYPES) + 3 + 2 + 1 + 1 + len(BLOCKS) * len(DTYPES) + 2 + 1 + 1 + 1 + 1))
 
 
 # ------------------------------------------------ the op and the switch (this process)
@@ -596,6 +577,4 @@ def test_shortcut_kernel_compiles_without_spills(arch, aot_results):
     assert not failures, "the shortcut kernel fails on these configs:\n" + "\n".join(failures)
 
 
-if not IN_INTERPRETER:
-    for _name in [n for n in globals() if n.startswith("test_interp_")]:
-        del globals()[_name]
+drop_interp_tests_outside_the_interpreter(globals())

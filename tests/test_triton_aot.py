@@ -6,7 +6,9 @@ register file that holds one block. A config that fails is removed from
 fused_resnet/triton/conv_configs.py, never skipped here.
 
 Variants compiled per config: the heaviest epilogue (scale, shift, residual,
-ReLU and statistics) always; lighter epilogues only drop code from it, and an
+ReLU and statistics) always, for conv2d_fwd_kernel and (bf16 and fp32,
+MODE_CBLOCK) for conv2d_fwd_prologue_kernel, whose BN + ReLU prologue adds
+registers in the K loop; lighter epilogues only drop code from it, and an
 earlier run of every config with no epilogue, and of fp32 with IEEE dots,
 used fewer registers than these. Kept within ~2 minutes cold on 2 cores:
   16-bit configs: bf16 in MODE_GEMM, MODE_CBLOCK and MODE_FLAT; fp16 in
@@ -38,7 +40,7 @@ ARCHS = {80: ("sm_80", 163 * 1024), 90: ("sm_90a", 227 * 1024)}
 REGISTERS_PER_SM = 65536
 
 _INT_ARGS = "M H W C_in OH OW C_out CIN_G COUT_G stride_h stride_w pad_h pad_w dil_h dil_w".split()
-_PTR_ARGS = "x_ptr w_ptr y_ptr scale_ptr shift_ptr res_ptr psum_ptr psumsq_ptr".split()
+_PTR_ARGS = "x_ptr w_ptr y_ptr scale_ptr shift_ptr res_ptr psum_ptr psumsq_ptr pre_scale_ptr pre_shift_ptr".split()
 _CONSTEXPRS = ("KH KW MODE HAS_SCALE HAS_SHIFT HAS_RESIDUAL RELU EMIT_STATS INPUT_PRECISION "
                "BLOCK_M BLOCK_N BLOCK_K GROUP_M").split()
 _DIVISIBLE = set(_PTR_ARGS) | {"C_in", "C_out", "CIN_G", "COUT_G"}
@@ -59,13 +61,14 @@ def _jobs(arch: int) -> list[dict]:
     jobs = []
     for itemsize, cfg in conv_configs.all_configs(arch):
         if itemsize == 2:
-            variants = [("bf16", MODE_GEMM, "tf32", heavy), ("bf16", MODE_CBLOCK, "tf32", heavy),
-                        ("bf16", MODE_FLAT, "tf32", heavy), ("fp16", MODE_CBLOCK, "tf32", heavy)]
+            variants = [("bf16", MODE_GEMM, "tf32", heavy, "plain"), ("bf16", MODE_CBLOCK, "tf32", heavy, "plain"),
+                        ("bf16", MODE_FLAT, "tf32", heavy, "plain"), ("fp16", MODE_CBLOCK, "tf32", heavy, "plain"),
+                        ("bf16", MODE_CBLOCK, "tf32", heavy, "prologue")]
         else:
-            variants = [("fp32", MODE_CBLOCK, "tf32", heavy)]
-        for dtype, mode, prec, epi in variants:
-            jobs.append(dict(arch=arch, cfg=cfg, dtype=dtype, mode=mode, prec=prec, epi=epi,
-                             label=f"sm{arch} {cfg.name} {dtype}/{prec} mode{mode} all-epilogues"))
+            variants = [("fp32", MODE_CBLOCK, "tf32", heavy, "plain"), ("fp32", MODE_CBLOCK, "tf32", heavy, "prologue")]
+        for dtype, mode, prec, epi, kernel in variants:
+            jobs.append(dict(arch=arch, cfg=cfg, dtype=dtype, mode=mode, prec=prec, epi=epi, kernel=kernel,
+                             label=f"sm{arch} {cfg.name} {dtype}/{prec} mode{mode} all-epilogues {kernel}"))
     return jobs
 
 
@@ -74,18 +77,19 @@ def _compile_one(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_resnet.triton.conv2d_fwd import conv2d_fwd_kernel
+    from fused_resnet.triton import conv2d_fwd
 
+    kernel = conv2d_fwd.conv2d_fwd_prologue_kernel if job["kernel"] == "prologue" else conv2d_fwd.conv2d_fwd_kernel
     cfg, dt = job["cfg"], job["dtype"]
     sig = {n: "*fp32" for n in _PTR_ARGS}
     sig.update(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", res_ptr=f"*{dt}")
     sig.update({n: "i32" for n in _INT_ARGS})
     sig.update({n: "constexpr" for n in _CONSTEXPRS})
-    names = list(conv2d_fwd_kernel.arg_names)
+    names = list(kernel.arg_names)
     sig = {n: sig[n] for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _DIVISIBLE}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _DIVISIBLE if n in names}
     consts = dict(KH=3, KW=3, MODE=job["mode"], INPUT_PRECISION=job["prec"], **job["epi"], **cfg.meta())
-    ck = triton.compile(ASTSource(fn=conv2d_fwd_kernel, signature=sig, constexprs=consts, attrs=attrs),
+    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", job["arch"], 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     with tempfile.TemporaryDirectory() as d:

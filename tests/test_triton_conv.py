@@ -18,10 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import warnings
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -29,6 +26,7 @@ import torch.nn.functional as F
 
 from fused_resnet import numerics
 from fused_resnet.ops import conv2d_bn_act, reference
+from interp_suite import drop_interp_tests_outside_the_interpreter, run_interp_tests
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The test_interp_* functions are removed from this module outside the
@@ -158,25 +156,7 @@ def test_interp_bf16_never_reaches_the_interpreter():
 
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    if IN_INTERPRETER:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    junit = tmp_path / "interp.xml"
-    env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("FUSED_RESNET_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-k", "interp and not interpreter_suite",
-         "-p", "no:cacheprovider", f"--junitxml={junit}"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert junit.exists(), f"interpreter run wrote no report (exit {proc.returncode}):\n{tail}"
-    suite = ET.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    expected = 2 * len(SHAPES) + len(SHAPES) + len(EPILOGUES) + 2
-    assert proc.returncode == 0 and counts["failures"] == counts["errors"] == 0, f"{counts}\n{tail}"
-    assert counts["skipped"] == 0 and counts["tests"] == expected, f"expected {expected} tests to run: {counts}\n{tail}"
+    run_interp_tests(__file__, tmp_path, expected=2 * len(SHAPES) + len(SHAPES) + len(EPILOGUES) + 2)
 
 
 # ------------------------------------------------ the op without Triton (this process)
@@ -341,6 +321,4 @@ def test_choose_config_uses_cache_and_retunes_unknown_names(tmp_path, monkeypatc
     assert len(timed) == len(cands)
 
 
-if not IN_INTERPRETER:
-    for _name in [n for n in globals() if n.startswith("test_interp_")]:
-        del globals()[_name]
+drop_interp_tests_outside_the_interpreter(globals())

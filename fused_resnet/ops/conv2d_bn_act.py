@@ -110,29 +110,32 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _backward(ctx, gy, gsum, gsumsq):
-    x, weight, scale, y = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
-    needs = ctx.needs_input_grad
+def epilogue_backward(x, weight, scale, y, gy, gsum, gsumsq, conv_args, relu, has_scale, has_shift, has_residual,
+                      emit_stats, shift_dtype, res_dtype, needs):
+    """Gradients of conv2d_bn_act's contract (x the conv's input as read):
+    (dx, dweight, dscale, dshift, dresidual), each None unless needs[i]
+    (needs: x, weight, scale, shift, residual). The ReLU from y, the
+    statistics' gradients (gsum, gsumsq; None when unused) through z."""
+    stride, padding, dilation, groups = conv_args
     acc = reference.stat_dtype(x.dtype)
     oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
     out_shape = (x.shape[0], weight.shape[0], oh, ow)
 
     g = gy.to(acc) if gy is not None else torch.zeros(out_shape, dtype=acc, device=x.device)
-    if ctx.relu:
+    if relu:
         g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
-    d_residual = g.to(ctx.res_dtype) if ctx.has_residual and needs[4] else None
-    d_shift = g.sum(dim=(0, 2, 3)).to(ctx.shift_dtype) if ctx.has_shift and needs[3] else None
+    d_residual = g.to(res_dtype) if has_residual and needs[4] else None
+    d_shift = g.sum(dim=(0, 2, 3)).to(shift_dtype) if has_shift and needs[3] else None
 
-    stats_used = ctx.emit_stats and (gsum is not None or gsumsq is not None)
-    need_z = stats_used or (ctx.has_scale and needs[2])
+    stats_used = emit_stats and (gsum is not None or gsumsq is not None)
+    need_z = stats_used or (has_scale and needs[2])
     z = F.conv2d(x.detach(), weight.detach(), None, stride, padding, dilation, groups).to(acc) if need_z else None
-    d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if ctx.has_scale and needs[2] else None
+    d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if has_scale and needs[2] else None
 
-    dz = g * _per_channel(scale.to(acc)) if ctx.has_scale else g
-    if ctx.emit_stats and gsum is not None:
+    dz = g * _per_channel(scale.to(acc)) if has_scale else g
+    if emit_stats and gsum is not None:
         dz = dz + _per_channel(gsum.to(acc))
-    if ctx.emit_stats and gsumsq is not None:
+    if emit_stats and gsumsq is not None:
         dz = dz + 2.0 * z * _per_channel(gsumsq.to(acc))
 
     dx = dw = None
@@ -141,6 +144,14 @@ def _backward(ctx, gy, gsum, gsumsq):
             dz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
             [needs[0], needs[1], False],
         )
+    return dx, dw, d_scale, d_shift, d_residual
+
+
+def _backward(ctx, gy, gsum, gsumsq):
+    x, weight, scale, y = ctx.saved_tensors
+    dx, dw, d_scale, d_shift, d_residual = epilogue_backward(
+        x, weight, scale, y, gy, gsum, gsumsq, ctx.conv_args, ctx.relu, ctx.has_scale, ctx.has_shift,
+        ctx.has_residual, ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype, ctx.needs_input_grad[:5])
     return dx, dw, d_scale, d_shift, d_residual, None, None, None, None, None, None
 
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "add_relu",
+    "bn_relu_prologue",
+    "conv2d_prologue_bn_act",
     "max_pool2d",
     "relu_mask",
     "bn_stats",
@@ -313,6 +315,37 @@ def conv2d_bn_act(
         return y, zf.sum(dim=(0, 2, 3)), (zf * zf).sum(dim=(0, 2, 3))
     empty = torch.empty(0, dtype=acc, device=x.device)
     return y, empty, empty
+
+
+def bn_relu_prologue(x: torch.Tensor, pre_scale: torch.Tensor, pre_shift: torch.Tensor) -> torch.Tensor:
+    """relu(x * pre_scale[c] + pre_shift[c]) in op-math precision, rounded to
+    x's dtype: BatchNorm (as scale/shift) + ReLU of the previous layer, what
+    the Triton conv's prologue applies to each input tile it loads."""
+    acc = stat_dtype(x.dtype)
+    v = x.to(acc) * _per_channel(pre_scale.to(acc), x.dim()) + _per_channel(pre_shift.to(acc), x.dim())
+    return torch.relu(v).to(x.dtype)
+
+
+def conv2d_prologue_bn_act(
+    x: torch.Tensor,
+    pre_scale: torch.Tensor,
+    pre_shift: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    emit_stats: bool = False,
+):
+    """conv2d_bn_act of bn_relu_prologue(x, pre_scale, pre_shift): the conv
+    reads the previous layer's raw output x and normalises + rectifies it on
+    the fly (zero padding is applied after, as for a materialised input)."""
+    return conv2d_bn_act(bn_relu_prologue(x, pre_scale, pre_shift), weight, scale, shift, residual, relu, stride,
+                         padding, dilation, groups, emit_stats)
 
 
 def conv2d_bias_act_shortcut(

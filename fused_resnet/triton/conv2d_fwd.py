@@ -23,6 +23,12 @@ raw conv output into [num_m_tiles, C_out] buffers (reduced on the host, in a
 fixed order: no atomics, deterministic); then y = z * scale + shift + residual,
 ReLU, cast to y's dtype.
 
+BN + ReLU prologue (HAS_PROLOGUE, conv2d_fwd_prologue_kernel, training): x
+is the previous conv's raw output and every A tile is turned into
+relu(x * pre_scale[c] + pre_shift[c]) as it is loaded (masked-off elements,
+zero padding included, stay 0), so the previous layer's normalised
+activation is never written to memory.
+
 Projection shortcut (HAS_SHORTCUT, inference): after the main K loop a second
 GEMM accumulates x2[n, oh*s2, ow*s2, :] @ w2 into the same fp32 accumulator,
 where x2 is the block input (NHWC, C2 channels) and w2 the downsample 1x1 conv
@@ -41,7 +47,7 @@ import triton.language as tl
 
 # Part of every autotune cache key: bump when the kernel changes in a way that
 # could change which config is fastest or whether a config compiles.
-KERNEL_VERSION = "conv2d_fwd-v2"
+KERNEL_VERSION = "conv2d_fwd-v3"
 
 MODE_GEMM = 0
 MODE_CBLOCK = 1
@@ -49,15 +55,30 @@ MODE_FLAT = 2
 
 
 @triton.jit
+def _bn_relu_prologue(a, a_ok, pre_scale_ptr, pre_shift_ptr, chan, chan_ok):
+    """relu(a * pre_scale[chan] + pre_shift[chan]) for a loaded A tile, in
+    fp32 and rounded back to a's dtype (eager rounds BN's output, and ReLU
+    commutes with rounding), with every masked-off element (zero padding,
+    rows or channels out of range) kept at 0: padding must stay 0 after the
+    prologue, not become relu(shift)."""
+    ps = tl.load(pre_scale_ptr + chan, mask=chan_ok, other=0.0)
+    pt = tl.load(pre_shift_ptr + chan, mask=chan_ok, other=0.0)
+    v = a.to(tl.float32) * ps[None, :] + pt[None, :]
+    v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as torch.relu
+    return tl.where(a_ok, v, 0.0).to(a.dtype)
+
+
+@triton.jit
 def _conv2d_fwd(
     x_ptr, w_ptr, y_ptr,
-    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr, pre_scale_ptr, pre_shift_ptr,
     M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     H2, W2, C2, stride2_h, stride2_w,
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -91,7 +112,10 @@ def _conv2d_fwd(
         for k0 in range(0, CIN_G, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < CIN_G
-            a = tl.load(a_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a_ok = m_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_rows[:, None] + kk[None, :], mask=a_ok, other=0.0)
+            if HAS_PROLOGUE:
+                a = _bn_relu_prologue(a, a_ok, pre_scale_ptr, pre_shift_ptr, g * CIN_G + kk, k_ok)
             b = tl.load(w_base + kk[:, None] * COUT_G + b_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
@@ -116,7 +140,10 @@ def _conv2d_fwd(
                 a_rows = x_cbase + ((img_row + ih) * W + iw) * C_in
                 kk = c0 + offs_k
                 k_ok = kk < CIN_G
-                a = tl.load(a_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                a_ok = row_ok[:, None] & k_ok[None, :]
+                a = tl.load(a_rows[:, None] + kk[None, :], mask=a_ok, other=0.0)
+                if HAS_PROLOGUE:
+                    a = _bn_relu_prologue(a, a_ok, pre_scale_ptr, pre_shift_ptr, g * CIN_G + kk, k_ok)
                 b = tl.load(w_base + (tap * CIN_G + kk)[:, None] * COUT_G + b_cols,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -132,6 +159,8 @@ def _conv2d_fwd(
                 iw = iw0[:, None] + (kw * dil_w)[None, :]
                 ok = (m_ok[:, None] & k_ok[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
                 a = tl.load(x_cbase + ((img_row[:, None] + ih) * W + iw) * C_in + ci[None, :], mask=ok, other=0.0)
+                if HAS_PROLOGUE:
+                    a = _bn_relu_prologue(a, ok, pre_scale_ptr, pre_shift_ptr, g * CIN_G + ci, k_ok)
                 b = tl.load(w_base + kk[:, None] * COUT_G + b_cols, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -193,11 +222,11 @@ def conv2d_fwd_kernel(
 ):
     """The conv without the shortcut GEMM (x2/w2 are never read)."""
     _conv2d_fwd(
-        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x_ptr, w_ptr,
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr,
         M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         1, 1, 1, 1, 1,
-        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, INPUT_PRECISION,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, False, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
 
@@ -216,10 +245,35 @@ def conv2d_fwd_shortcut_kernel(
 ):
     """The conv plus the projection shortcut GEMM (HAS_SHORTCUT=True)."""
     _conv2d_fwd(
-        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr,
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x2_ptr, w2_ptr, scale_ptr, shift_ptr,
         M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         H2, W2, C2, stride2_h, stride2_w,
-        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, True, INPUT_PRECISION,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, True, False, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+
+
+@triton.jit
+def conv2d_fwd_prologue_kernel(
+    x_ptr, w_ptr, y_ptr,
+    scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, pre_scale_ptr, pre_shift_ptr,
+    M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, EMIT_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The conv of relu(x * pre_scale + pre_shift) (HAS_PROLOGUE=True): x is
+    the previous conv's raw output, pre_scale/pre_shift (fp32, one per input
+    channel) its BatchNorm; the normalised activation is never written."""
+    _conv2d_fwd(
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, x_ptr, w_ptr,
+        pre_scale_ptr, pre_shift_ptr,
+        M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        1, 1, 1, 1, 1,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, True, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )

@@ -18,7 +18,7 @@ import triton
 from .. import _conv_args
 from . import autotune_cache, conv_configs
 from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel,
-                         conv2d_fwd_shortcut_kernel)
+                         conv2d_fwd_prologue_kernel, conv2d_fwd_shortcut_kernel)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -126,14 +126,19 @@ def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_c
 
 
 def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats,
-                  config: conv_configs.ConvConfig | None = None, *, x2=None, weight2=None, stride2=1):
+                  config: conv_configs.ConvConfig | None = None, *, x2=None, weight2=None, stride2=1,
+                  pre_scale=None, pre_shift=None):
     """Run the Triton kernel. Same contract as reference.conv2d_bn_act; y is
     channels_last. `config` forces a tile config (tests, benchmarks).
 
     With `x2` and `weight2` (inference only: no statistics), the projection
     shortcut conv1x1(x2, weight2, stride2) is accumulated into the same tile
     before the epilogue: y = [relu]((conv(x, w) + conv1x1(x2, w2)) * scale +
-    shift [+ residual]) (see reference.conv2d_bias_act_shortcut)."""
+    shift [+ residual]) (see reference.conv2d_bias_act_shortcut).
+
+    With `pre_scale` and `pre_shift` (one per input channel) the conv reads
+    relu(x * pre_scale + pre_shift) instead of x, applied to each input tile
+    as it is loaded (see reference.conv2d_prologue_bn_act)."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"conv2d_bn_act (triton): `x` must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype:
@@ -172,6 +177,17 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
         s2h, s2w = _conv_args.check_shortcut(x, x2, weight2, stride2, y.shape, "conv2d_bn_act")
         _, c2, h2, w2 = x2.shape
 
+    prologue = pre_scale is not None or pre_shift is not None
+    if prologue:
+        if pre_scale is None or pre_shift is None:
+            raise ValueError("conv2d_bn_act: the prologue needs both `pre_scale` and `pre_shift` (or neither)")
+        if shortcut:
+            raise ValueError("conv2d_bn_act: the BN prologue and the shortcut GEMM cannot be combined")
+        for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
+            if v.numel() != c_in:
+                raise ValueError(f"conv2d_bn_act: `{what}` must have {c_in} elements (one per input channel), "
+                                 f"got {v.numel()}")
+
     if m == 0 or c_out == 0:
         z = torch.zeros(c_out, dtype=torch.float32, device=dev)
         return (y, z, z.clone()) if emit_stats else (y, z[:0], z[:0])
@@ -182,6 +198,9 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
     sc = scale.detach().to(device=dev, dtype=torch.float32).contiguous() if scale is not None else dummy
     sf = shift.detach().to(device=dev, dtype=torch.float32).contiguous() if shift is not None else dummy
     rs = residual.detach().contiguous(memory_format=torch.channels_last) if residual is not None else y
+    if prologue:
+        psc = pre_scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+        psh = pre_shift.detach().to(device=dev, dtype=torch.float32).contiguous()
     if shortcut:
         x2c = x2.detach().contiguous(memory_format=torch.channels_last)
         w2p = prepare_weight(weight2, 1)  # (1, C2, C_out): row k of the shortcut's B matrix is contiguous
@@ -219,6 +238,13 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
                 h2, w2, c2, s2h, s2w,
                 **meta,
             )
+        elif prologue:
+            conv2d_fwd_prologue_kernel[grid](
+                xc, wp, y, sc, sf, rs, ps, pq, psc, psh,
+                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
+                sh, sw, ph, pw, dh, dw,
+                **meta,
+            )
         else:
             conv2d_fwd_kernel[grid](
                 xc, wp, y, sc, sf, rs, ps, pq,
@@ -237,6 +263,8 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
                 # The shortcut GEMM's depth and stride change the tile's work
                 # and registers: its own autotune entry.
                 epilogue += f"-sc{c2}s{s2h}x{s2w}"
+            if prologue:
+                epilogue += "-pro"  # the prologue's loads and math per A tile
             bucket = conv_configs.shape_bucket(m, c_in, c_out, kh, kw, (sh, sw), (dh, dw), groups, epilogue)
             key = autotune_cache.make_key(arch, str(x.dtype).replace("torch.", "") + f"-{precision}", bucket,
                                           KERNEL_VERSION)

@@ -1,0 +1,148 @@
+"""conv2d of relu(x * pre_scale + pre_shift) with conv2d_bn_act's epilogue,
+in one Triton kernel: the previous layer's BatchNorm + ReLU applied to each
+input tile as the conv loads it (the "prologue"), so that layer's normalised
+activation is never written to memory, and it is not saved for backward
+either: the backward recomputes it from x (elementwise) where it needs it.
+
+Training use (fused_resnet.nn.block_paths, switch "prologue"): x is the
+previous conv's raw output z_prev and pre_scale/pre_shift its BatchNorm's
+batch-statistics scale (weight * invstd) and shift (bias - mean * scale),
+computed from z_prev's epilogue sums; gradients flow to x, pre_scale and
+pre_shift (hence through the statistics to z_prev) as eager's BN + ReLU +
+conv would give them.
+
+The op fused_resnet::conv2d_prologue_bn_act has a fake kernel (torch.compile
+traces it as one node) and a registered autograd formula. Where the Triton
+kernel cannot run it computes the same contract with the prologue
+materialised and F.conv2d (reference.conv2d_prologue_bn_act).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _triton_runs, _use_triton_op,
+                            epilogue_backward)
+
+_OP = "fused_resnet::conv2d_prologue_bn_act"
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _prologue_op(
+    x: torch.Tensor,
+    pre_scale: torch.Tensor,
+    pre_shift: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    relu: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    emit_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _triton_runs(x):
+        from ..triton import launch
+
+        return launch.conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                                    emit_stats, pre_scale=pre_scale, pre_shift=pre_shift)
+    a = reference.bn_relu_prologue(x, pre_scale, pre_shift)
+    return _aten_path(a, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
+
+
+@_prologue_op.register_fake
+def _prologue_fake(x, pre_scale, pre_shift, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                   emit_stats):
+    return _conv2d_bn_act_fake(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+                               emit_stats)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, pre_scale, pre_shift, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
+     emit_stats) = inputs
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.relu = relu
+    ctx.has_scale, ctx.has_shift, ctx.has_residual = scale is not None, shift is not None, residual is not None
+    ctx.emit_stats = emit_stats
+    ctx.shift_dtype = shift.dtype if shift is not None else None
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    # x (the raw previous output), not the activation: recomputed below.
+    ctx.save_for_backward(x, pre_scale, pre_shift, weight, scale, output[0] if relu else None)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, gy, gsum, gsumsq):
+    x, pre_scale, pre_shift, weight, scale, y = ctx.saved_tensors
+    need_x, need_ps, need_pt, need_w, need_scale, need_shift, need_res = ctx.needs_input_grad[:7]
+    a = reference.bn_relu_prologue(x.detach(), pre_scale.detach(), pre_shift.detach())
+    need_a = need_x or need_ps or need_pt
+    da, dw, d_scale, d_shift, d_residual = epilogue_backward(
+        a, weight, scale, y, gy, gsum, gsumsq, ctx.conv_args, ctx.relu, ctx.has_scale, ctx.has_shift,
+        ctx.has_residual, ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype,
+        (need_a, need_w, need_scale, need_shift, need_res))
+    dx = d_pre_scale = d_pre_shift = None
+    if need_a and da is not None:
+        acc = reference.stat_dtype(x.dtype)
+        # ReLU's backward from its (rounded) output, as eager's: a > 0.
+        dpre = torch.where(a > 0, da.to(acc), torch.zeros((), dtype=acc, device=da.device))
+        if need_x:
+            dx = (dpre * pre_scale.to(acc).view(1, -1, 1, 1)).to(x.dtype)
+        if need_ps:
+            d_pre_scale = (dpre * x.to(acc)).sum(dim=(0, 2, 3)).to(pre_scale.dtype)
+        if need_pt:
+            d_pre_shift = dpre.sum(dim=(0, 2, 3)).to(pre_shift.dtype)
+    return (dx, d_pre_scale, d_pre_shift, dw, d_scale, d_shift, d_residual,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+def conv2d_prologue_bn_act(
+    x: torch.Tensor,
+    pre_scale: torch.Tensor,
+    pre_shift: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    emit_stats: bool = False,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = [relu](conv2d(relu(x * pre_scale + pre_shift), weight) * scale +
+    shift [+ residual]), one kernel; the conv's zero padding applies to the
+    activation, as if it had been materialised.
+
+    Args are conv2d_bn_act's, plus pre_scale and pre_shift: (C_in,) tensors
+    (used in fp32), the previous layer's BatchNorm as scale and shift. With
+    emit_stats the sums are those of the raw conv output.
+
+    Returns (y, sum, sumsq) like conv2d_bn_act. Differentiable in x,
+    pre_scale, pre_shift, weight, scale, shift, residual and through the
+    statistics.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d_prologue_bn_act: `groups` must be a positive int, got {groups!r}")
+    _check_tensors(x, weight, residual, stride, padding, dilation)
+    for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
+        if v.dim() != 1 or v.numel() != x.shape[1]:
+            raise ValueError(f"conv2d_prologue_bn_act: `{what}` must be a 1-D tensor of C_in={x.shape[1]} values "
+                             f"(one per input channel), got shape {list(v.shape)}")
+    if not _use_triton_op(backend, x):
+        return reference.conv2d_prologue_bn_act(x, pre_scale, pre_shift, weight, scale, shift, residual, bool(relu),
+                                                stride, padding, dilation, groups, bool(emit_stats))
+    return torch.ops.fused_resnet.conv2d_prologue_bn_act(x, pre_scale, pre_shift, weight, scale, shift, residual,
+                                                         bool(relu), stride, padding, dilation, groups,
+                                                         bool(emit_stats))

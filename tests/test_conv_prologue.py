@@ -1,0 +1,161 @@
+"""fused_resnet::conv2d_prologue_bn_act: the previous layer's BN + ReLU in the
+Triton conv's prologue. The kernel under the interpreter against the fp64
+reference (every kernel mode, fp32 and fp16, padding that must stay zero),
+its gradients against autograd through the reference, and in this process
+the op's aten path, its autograd formula (gradcheck in fp64), fake kernel and
+argument errors. AOT compilation for sm_80/sm_90: tests/test_triton_aot.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_resnet import numerics
+from fused_resnet.ops import conv2d_prologue_bn_act, reference
+from interp_suite import IN_INTERPRETER, drop_interp_tests_outside_the_interpreter, run_interp_tests
+
+# (N, C_in, H, W, C_out, k, stride, padding, dilation, groups), one per kernel
+# mode and address pattern (see test_triton_conv.SHAPES).
+SHAPES = {
+    "1x1": (2, 24, 5, 7, 20, 1, 1, 0, 1, 1),            # MODE_GEMM
+    "1x1_s2": (2, 40, 7, 7, 24, 1, 2, 0, 1, 1),         # MODE_CBLOCK, one tap
+    "3x3_s1": (2, 40, 6, 5, 24, 3, 1, 1, 1, 1),         # MODE_CBLOCK, padded taps
+    "3x3_thin_cin": (2, 8, 6, 6, 20, 3, 1, 1, 1, 1),    # MODE_FLAT
+    "grouped_cin4": (2, 32, 5, 5, 32, 3, 1, 1, 1, 8),   # MODE_FLAT, groups
+    "dilated": (1, 32, 9, 9, 16, 3, 1, 2, 2, 1),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+GRAD_SHAPES = ("1x1", "3x3_s1", "grouped_cin4")
+
+
+def _problem(shape, dtype, seed=0):
+    n, ci, h, w, co, k, s, p, d, g = shape
+    gen = torch.Generator().manual_seed(seed)
+    # x is a raw conv output; the prologue's shift is mostly positive, so a
+    # padded zero turned into relu(shift) would show.
+    x = (torch.randn(n, ci, h, w, generator=gen) * 1.5 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    ps = torch.rand(ci, generator=gen) + 0.5
+    pt = torch.randn(ci, generator=gen) * 0.5 + 0.6
+    wt = (torch.randn(co, ci // g, k, k, generator=gen) / (ci // g * k * k) ** 0.5).to(dtype)
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    sc = torch.rand(co, generator=gen) + 0.5
+    sf = torch.randn(co, generator=gen)
+    r = torch.randn(n, co, oh, ow, generator=gen).to(dtype)
+    return x, ps, pt, wt, sc, sf, r, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _d64(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
+    from fused_resnet.triton import launch
+
+    calls = []
+    kernel = launch.conv2d_fwd_prologue_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launch, "conv2d_fwd_prologue_kernel", Spy())
+    dt = DTYPES[dtype]
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], dt)
+    y, s, q = conv2d_prologue_bn_act(x, ps, pt, wt, sc, sf, r, True, emit_stats=True, backend="triton", **conv)
+    assert calls, "the prologue kernel did not run"
+    eager = reference.conv2d_prologue_bn_act(x, ps, pt, wt, sc, sf, r, True, emit_stats=True, **conv)
+    ref = reference.conv2d_prologue_bn_act(*map(_d64, (x, ps, pt, wt, sc, sf, r)), True, emit_stats=True, **conv)
+    assert y.dtype == dt and y.is_contiguous(memory_format=torch.channels_last)
+    numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{name} {dtype}: y")
+    if dt == torch.float32:  # fp16: the kernel sums its fp32 accumulator, eager the rounded z
+        numerics.assert_close_to_reference(s, eager[1], ref[1], dtype=dt, what=f"{name}: sum")
+        numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=dt, what=f"{name}: sumsq")
+
+
+@pytest.mark.parametrize("name", GRAD_SHAPES)
+def test_interp_gradients_match_autograd_through_the_reference(name):
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], torch.float32, seed=1)
+    gen = torch.Generator().manual_seed(2)
+
+    def grads(fn, tensors, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        y, s, q = fn(*leaves)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        gs = torch.randn(s.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+        ((y * gy).sum() + (s * gs).sum() + (q * gq.to(dtype)).sum() * 1e-2).backward()
+        return [t.grad for t in leaves]
+
+    gq = torch.randn(wt.shape[0], generator=gen)
+    tensors = (x, ps, pt, wt, sc, sf, r)
+    fused = grads(lambda *t: conv2d_prologue_bn_act(*t, True, emit_stats=True, backend="triton", **conv),
+                  tensors, torch.float32)
+    eager = grads(lambda *t: reference.conv2d_prologue_bn_act(*t, True, emit_stats=True, **conv),
+                  tensors, torch.float32)
+    ref = grads(lambda *t: reference.conv2d_prologue_bn_act(*t, True, emit_stats=True, **conv),
+                tensors, torch.float64)
+    for what, f, e, rf in zip(("x", "pre_scale", "pre_shift", "weight", "scale", "shift", "residual"),
+                              fused, eager, ref):
+        numerics.assert_close_to_reference(f, e, rf, dtype=torch.float32, kind="grad", what=f"{name}: d{what}")
+
+
+def test_interpreter_suite(tmp_path):
+    """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
+    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_SHAPES))
+
+
+# ------------------------------------------------ the op without Triton (this process)
+
+
+def _op(x, ps, pt, wt, sc, sf, r, conv, relu=True, stats=True):
+    return torch.ops.fused_resnet.conv2d_prologue_bn_act(
+        x, ps, pt, wt, sc, sf, r, relu, [conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2,
+        conv["groups"], stats)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks the path taken without the interpreter")
+@pytest.mark.parametrize("name", ["3x3_s1", "grouped_cin4"])
+def test_cpu_op_is_the_reference(name):
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], torch.float32)
+    got = _op(x, ps, pt, wt, sc, sf, r, conv)
+    want = reference.conv2d_prologue_bn_act(x, ps, pt, wt, sc, sf, r, True, emit_stats=True, **conv)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks the path taken without the interpreter")
+@pytest.mark.parametrize("name", ["1x1_s2", "3x3_s1"])
+def test_gradcheck_of_the_registered_backward(name):
+    n, ci, h, w, co, k, s, p, d, g = SHAPES[name]
+    x, ps, pt, wt, sc, sf, r, conv = _problem((1, 4 * g, 4, 3, 2 * g, k, s, p, d, g), torch.float64)
+    leaves = [t.detach().double().requires_grad_() for t in (x, ps, pt, wt, sc, sf, r)]
+
+    def fn(*t):
+        y, s_, q = _op(*t, conv)
+        return y, s_, q
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks the path taken without the interpreter")
+def test_opcheck():
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES["3x3_s1"], torch.float32)
+    args = (x, ps, pt, wt, sc, sf, r, True, [1, 1], [1, 1], [1, 1], 1, True)
+    torch.library.opcheck(torch.ops.fused_resnet.conv2d_prologue_bn_act.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_arguments_name_the_argument():
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES["3x3_s1"], torch.float32)
+    with pytest.raises(ValueError, match="`pre_scale` must be a 1-D tensor of C_in=40"):
+        conv2d_prologue_bn_act(x, ps[:5], pt, wt, **conv)
+    with pytest.raises(ValueError, match="`pre_shift` must be a 1-D tensor"):
+        conv2d_prologue_bn_act(x, ps, pt.view(1, -1), wt, **conv)
+    with pytest.raises(ValueError, match="`x` must be 4-D"):
+        conv2d_prologue_bn_act(x[0], ps, pt, wt, **conv)
+
+
+drop_interp_tests_outside_the_interpreter(globals())
