@@ -7,10 +7,14 @@ argument errors. AOT compilation for sm_80/sm_90: tests/test_triton_aot.py."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import fused_resnet
 from fused_resnet import numerics
+from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_prologue_bn_act, reference
 from interp_suite import IN_INTERPRETER, drop_interp_tests_outside_the_interpreter, run_interp_tests
 
@@ -102,9 +106,85 @@ def test_interp_gradients_match_autograd_through_the_reference(name):
         numerics.assert_close_to_reference(f, e, rf, dtype=torch.float32, kind="grad", what=f"{name}: d{what}")
 
 
+# ------------------------------------------------ whole blocks in training
+
+BLOCKS = {
+    "bottleneck-s2": ("bottleneck", 8, 4, 2, True),   # 1x1 -> 3x3 s2 -> 1x1, projection shortcut
+    "bottleneck-id": ("bottleneck", 16, 4, 1, False),  # identity shortcut
+    "basic-s1": ("basic", 16, 16, 1, False),           # conv2 3x3 MODE_CBLOCK reads conv1's raw output
+}
+
+
+def _train_block(spec):
+    kind, inplanes, planes, stride, proj = spec
+    cls = fused_resnet.FusedBottleneck if kind == "bottleneck" else fused_resnet.FusedBasicBlock
+    out = planes * cls.expansion
+    torch.manual_seed(0)
+    ds = torch.nn.Sequential(torch.nn.Conv2d(inplanes, out, 1, stride, bias=False),
+                             torch.nn.BatchNorm2d(out)) if proj else None
+    block = cls(inplanes, planes, stride, ds)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    block.train()
+    ref = copy.deepcopy(block).double()
+    eager = copy.deepcopy(block)
+    for m in (ref, eager):
+        m.backend = "reference"
+    fused = block.to(memory_format=torch.channels_last)
+    fused.backend = "triton"
+    # 8x8 images, batch 4: >= 16 values per channel after a stride-2 conv.
+    x = torch.randn(4, inplanes, 8, 8).contiguous(memory_format=torch.channels_last)
+    return fused, eager, ref, x
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
+    from fused_resnet.triton import launch
+
+    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    calls = []
+    kernel = launch.conv2d_fwd_prologue_kernel
+
+    class Spy:  # counts launches of the prologue kernel itself
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launch, "conv2d_fwd_prologue_kernel", Spy())
+    fused, eager, ref, x = _train_block(BLOCKS[name])
+    n_inner = 2 if BLOCKS[name][0] == "bottleneck" else 1
+    outs, grads_in = [], []
+    for m in (fused, eager, ref):
+        xi = x.detach().to(next(m.parameters()).dtype).requires_grad_()
+        y = m(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype))
+        outs.append(y)
+        grads_in.append(xi.grad)
+    assert len(calls) == n_inner, f"expected {n_inner} prologue convs, saw {len(calls)}"
+    numerics.assert_close_to_reference(*outs, what=f"{name}: y")
+    numerics.assert_close_to_reference(*grads_in, kind="grad", what=f"{name}: dx")
+    named = [dict(m.named_parameters()) for m in (fused, eager, ref)]
+    for pname in named[0]:
+        numerics.assert_close_to_reference(*(p[pname].grad for p in named), kind="grad", what=f"{name}: d{pname}")
+    bufs = [dict(m.named_buffers()) for m in (fused, eager, ref)]
+    for bname in bufs[0]:
+        if bname.endswith("num_batches_tracked"):
+            assert torch.equal(bufs[0][bname], bufs[1][bname]), bname
+        else:
+            numerics.assert_close_to_reference(*(b[bname] for b in bufs), what=f"{name}: {bname}")
+
+
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_SHAPES))
+    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_SHAPES) + len(BLOCKS))
+
+
+def test_prologue_switch_defaults_off_and_is_listed():
+    assert "prologue" in fused_resnet.get_fusions()
+    assert block_paths.FUSION_DEFAULTS["prologue"] is False
 
 
 # ------------------------------------------------ the op without Triton (this process)

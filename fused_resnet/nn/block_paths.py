@@ -26,6 +26,14 @@ A block is a chain of "units": conv -> BN [-> + residual] [-> ReLU].
   kernel runs; otherwise (or with the switch off) the downsample unit runs
   first and the last unit adds its output, as before.
 
+- BN + ReLU in the next conv's prologue in training on `triton` (switch
+  "prologue", off by default): inside a block, conv i+1 reads conv i's raw
+  output z_i and applies BN_i (scale and shift from z_i's epilogue sums,
+  differentiable through them) + ReLU to each tile it loads
+  (ops.conv2d_prologue_bn_act); the activation is neither written nor
+  saved, the backward recomputes it. The block's last BN (shortcut + ReLU)
+  still runs through batch_norm_act.
+
 Fusion switches, for ablations: FUSIONS (module-level dict), set_fusions()
 (also fused_resnet.set_fusions) and $FUSED_RESNET_FUSIONS, read at import,
 e.g. FUSED_RESNET_FUSIONS="shortcut_gemm=0".
@@ -54,7 +62,10 @@ from .sync_batchnorm import SyncBatchNorm2d
 FUSIONS_ENV_VAR = "FUSED_RESNET_FUSIONS"
 # name -> on by default. shortcut_gemm: the projection shortcut as a second
 # GEMM in the last conv of a block (eval, triton backend).
-FUSION_DEFAULTS: dict[str, bool] = {"shortcut_gemm": True}
+# prologue: in training on the triton backend, each BN + ReLU inside a block
+# applied in the next conv's prologue (off until a GPU run shows it faster:
+# the prologue moves the A tile through registers).
+FUSION_DEFAULTS: dict[str, bool] = {"shortcut_gemm": True, "prologue": False}
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
@@ -93,7 +104,12 @@ def set_fusions(**flags: bool) -> dict[str, bool]:
 
     Fusions: shortcut_gemm (default on): in eval on the triton backend, a
     block's downsample (1x1 conv + BN) runs as a second GEMM inside its last
-    conv's kernel. A torch.compile'd model keeps the setting it was traced with.
+    conv's kernel. prologue (default off): in training on the triton
+    backend, every BN + ReLU inside a block (not the last, which adds the
+    shortcut) is applied by the next conv as it loads its input
+    (ops.conv2d_prologue_bn_act), so that activation is never written, nor
+    saved: the backward recomputes it. A torch.compile'd model keeps the
+    setting it was traced with.
     """
     for name, value in flags.items():
         if name not in FUSIONS:
@@ -281,6 +297,74 @@ def _cudnn_genstats_operands(conv: nn.Conv2d, x: torch.Tensor):
     return x, w
 
 
+def _prologue_block_usable(block: nn.Module, x: torch.Tensor, backend: str) -> bool:
+    """Whether a block's training forward can run with every inner BN + ReLU
+    in the next conv's prologue: switch on, triton backend, every BN a plain
+    nn.BatchNorm2d using batch statistics, bias-free convs, no autocast
+    (the op has no autocast rule), a non-empty batch."""
+    if (not FUSIONS.get("prologue", False) or backend != "triton" or x.dim() != 4 or not x.is_floating_point()
+            or x.shape[0] == 0):
+        return False
+    pairs = _unit_pairs(block)
+    if any(type(bn) is not nn.BatchNorm2d or not _uses_batch_stats(bn) or conv.bias is not None
+           for conv, bn in pairs):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _unit_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):
+        pairs.append((block.conv3, block.bn3))
+    return pairs
+
+
+def _prologue_params(bn: nn.BatchNorm2d, z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor):
+    """(scale, shift) of bn over z, from z's per-channel sum s and sum of
+    squares ss, differentiable in bn's weight and bias and through s and ss
+    (whose gradients the conv op turns into z's: eager BatchNorm's backward);
+    the running statistics are updated with PyTorch's rules (bn_finalize).
+    Batch variance E[z^2] - E[z]^2 in fp64 from the fp32 sums, as every
+    statistics-from-epilogue path here."""
+    count = z.numel() // z.shape[1]
+    if count <= 1:  # F.batch_norm's check and text
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
+    mean = s.double() / count
+    var = (ss.double() / count - mean * mean).clamp_min(0)
+    acc = ops.reference.stat_dtype(z.dtype)
+    if bn.training and bn.running_mean is not None:
+        with torch.no_grad():
+            ops.bn_finalize(mean.to(acc), var.to(acc), count, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            bn.num_batches_tracked, _momentum_for(bn), bn.eps)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale.to(acc), shift.to(acc)
+
+
+def _prologue_block(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """A block's training forward with each inner BN + ReLU in the next
+    conv's prologue: every conv reads the previous raw output z and writes
+    its own z with the statistics from its epilogue; only the last BN (with
+    the shortcut and the ReLU) writes an activation, through batch_norm_act."""
+    pairs = _unit_pairs(block)
+    conv, bn = pairs[0]
+    z, s, ss = ops.conv2d_bn_act(x, conv.weight, None, None, None, False, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups, True, backend=backend)
+    for conv, next_bn in pairs[1:]:
+        pre_scale, pre_shift = _prologue_params(bn, z, s, ss)
+        z, s, ss = ops.conv2d_prologue_bn_act(z, pre_scale, pre_shift, conv.weight, None, None, None, False,
+                                              conv.stride, conv.padding, conv.dilation, conv.groups, True,
+                                              backend=backend)
+        bn = next_bn
+    identity = _shortcut(block, x, backend)
+    mean, var = _stats_from_sums(z, s, ss)
+    return _bn_act(bn, z, identity, True, backend, mean, var)
+
+
 def _train_unit(conv, bn, x, residual, relu, backend):
     track = bn.training and bn.track_running_stats
     batch_mean = batch_var = None
@@ -300,6 +384,12 @@ def _train_unit(conv, bn, x, residual, relu, backend):
         batch_mean, batch_var = _stats_from_sums(z, s, ss)
     else:
         z = _conv(conv, x, conv.weight, conv.bias)
+    return _bn_act(bn, z, residual, relu, backend, batch_mean, batch_var)
+
+
+def _bn_act(bn, z, residual, relu, backend, batch_mean=None, batch_var=None):
+    """relu?(bn(z) [+ residual]) for a BN using batch statistics, fused."""
+    track = bn.training and bn.track_running_stats
     if isinstance(bn, SyncBatchNorm2d) and bn.is_synchronised():
         return ops.sync_batch_norm_act(
             z, bn.weight, bn.bias,
@@ -349,9 +439,7 @@ def _downsample_supported(ds: nn.Module | None) -> bool:
 
 
 def block_supported(block: nn.Module) -> bool:
-    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if hasattr(block, "conv3"):
-        pairs.append((block.conv3, block.bn3))
+    pairs = _unit_pairs(block)
     return (
         all(unit_supported(c, b) for c, b in pairs)
         and _downsample_supported(block.downsample)
@@ -423,6 +511,8 @@ def block_forward(block: nn.Module, x: torch.Tensor, backend: str, input_owned: 
     with the block's output; a downsample's output always may."""
     if not block_supported(block):
         return block.reference_forward(x)
+    if _prologue_block_usable(block, x, backend):
+        return _prologue_block(block, x, backend)
     out = unit(block.conv1, block.bn1, x, None, True, backend)
     if hasattr(block, "conv3"):
         out = unit(block.conv2, block.bn2, out, None, True, backend)
