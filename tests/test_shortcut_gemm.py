@@ -419,20 +419,23 @@ def test_launcher_refuses_statistics_with_the_shortcut():
 
 def test_set_fusions_and_the_environment():
     old = fused_resnet.set_fusions(shortcut_gemm=False)
+    off = {"shortcut_gemm": False, "prologue": old["prologue"]}
     try:
-        assert fused_resnet.get_fusions() == {"shortcut_gemm": False} == block_paths.FUSIONS
-        assert fused_resnet.set_fusions(shortcut_gemm=True) == {"shortcut_gemm": False}
+        assert fused_resnet.get_fusions() == off == block_paths.FUSIONS
+        assert fused_resnet.set_fusions(shortcut_gemm=True) == off
         with pytest.raises(ValueError, match="unknown fusion 'prologue_bn'"):
             fused_resnet.set_fusions(prologue_bn=True)
         with pytest.raises(TypeError, match="True or False"):
             fused_resnet.set_fusions(shortcut_gemm=1)
     finally:
         fused_resnet.set_fusions(**old)
-    assert block_paths._fusions_from_env(None) == {"shortcut_gemm": True}
-    assert block_paths._fusions_from_env("shortcut_gemm=0") == {"shortcut_gemm": False}
-    assert block_paths._fusions_from_env(" Shortcut_GEMM = off ,") == {"shortcut_gemm": False}
+    defaults = {"shortcut_gemm": True, "prologue": False}
+    assert block_paths._fusions_from_env(None) == defaults
+    assert block_paths._fusions_from_env("shortcut_gemm=0") == dict(defaults, shortcut_gemm=False)
+    assert block_paths._fusions_from_env(" Shortcut_GEMM = off ,prologue=on") == {"shortcut_gemm": False,
+                                                                                  "prologue": True}
     with pytest.warns(RuntimeWarning, match="ignoring 'bogus=1'"):
-        assert block_paths._fusions_from_env("bogus=1,shortcut_gemm=1") == {"shortcut_gemm": True}
+        assert block_paths._fusions_from_env("bogus=1,shortcut_gemm=1") == defaults
     env = dict(os.environ, FUSED_RESNET_FUSIONS="shortcut_gemm=0")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", "import fused_resnet; print(fused_resnet.get_fusions())"],
