@@ -17,7 +17,7 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from fused_resnet import FusedBasicBlock, FusedBottleneck
+from fused_resnet import FusedBasicBlock, FusedBottleneck, set_fusions
 from fused_resnet.bench.providers import fused_backend_params
 from fused_resnet.bench.roofline import conv_layers
 from fused_resnet.bench.verify import randomize_bn_state
@@ -35,7 +35,17 @@ STAGES = [
     ("bottleneck-l3", Bottleneck, FusedBottleneck, 1024, 256, 14),
     ("bottleneck-l4", Bottleneck, FusedBottleneck, 2048, 512, 7),
 ]
-PROVIDERS = [pytest.param("eager", id="eager")] + fused_backend_params(DEVICE)
+def _with_prologue_ablation(params: list) -> list:
+    """The triton provider again with the 'prologue' fusion on (training
+    blocks: each inner BN + ReLU in the next conv's prologue)."""
+    out = list(params)
+    for p in params:
+        if p.values[0] == "triton":
+            out.append(pytest.param("triton+prologue", id="fused-triton+prologue", marks=p.marks))
+    return out
+
+
+PROVIDERS = [pytest.param("eager", id="eager")] + _with_prologue_ablation(fused_backend_params(DEVICE))
 
 
 def _blocks(eager_cls, fused_cls, inplanes, planes, provider, device, dtype):
@@ -70,6 +80,19 @@ def _step(model, x, grad_out, train):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("stage", STAGES, ids=[s[0] for s in STAGES])
 def test_block(benchmark, timed, check, device, dtype, stage, mode, provider):
+    if provider == "triton+prologue":
+        if mode != "train":
+            pytest.skip("the prologue fusion is a training path")
+        old = set_fusions(prologue=True)
+        try:
+            _bench_block(benchmark, timed, check, device, dtype, stage, mode, "triton")
+        finally:
+            set_fusions(**old)
+        return
+    _bench_block(benchmark, timed, check, device, dtype, stage, mode, provider)
+
+
+def _bench_block(benchmark, timed, check, device, dtype, stage, mode, provider):
     name, eager_cls, fused_cls, inplanes, planes, hw = stage
     train = mode == "train"
     eager, model, reference = _blocks(eager_cls, fused_cls, inplanes, planes, provider, device, dtype)
