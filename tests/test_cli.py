@@ -184,3 +184,15 @@ def test_gpu_check_refuses_without_gpu_and_rejects_unknown_steps(capsys):
     if not torch.cuda.is_available():
         assert gpu_check.main(["--only", "info"]) == 2
         assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_info_lists_backends_fusions_and_relu_saves(capsys):
+    old = fused_resnet.set_fusions(prologue=True)
+    try:
+        assert cli.main(["info"]) == 0
+    finally:
+        fused_resnet.set_fusions(**old)
+    out = capsys.readouterr().out
+    assert "backends:" in out and "reference" in out
+    assert "prologue=on" in out and "shortcut_gemm=" in out
+    assert f"relu saves   {fused_resnet.relu_saves()}" in out
