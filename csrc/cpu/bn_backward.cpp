@@ -346,48 +346,70 @@ void check_backward_args(const char* op, const at::Tensor& dy, const at::Tensor&
               mask.sizes());
 }
 
+// The operands of the three backward ops after the checks, in the layouts
+// and dtypes the kernels read: z in its compute format, per-channel vectors
+// in op-math precision, dy in z's dtype where it already is (the fast path)
+// or else in op-math precision (the reference's g = dy.to(acc)).
+struct BackwardOperands {
+  at::Tensor z, dy, mask, mean, invstd, weight;
+  at::MemoryFormat fmt;
+  Layout layout;
+  at::ScalarType stat;
+  bool dy_same_dtype;
+  int64_t C;
+
+  BackwardOperands(const char* op, const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& mask_in,
+                   const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                   const c10::optional<at::Tensor>& weight_in) {
+    check_backward_args(op, dy_in, z_in, mask_in, mean_in, invstd_in, weight_in);
+    C = z_in.size(1);
+    stat = stat_type(z_in.scalar_type());
+    fmt = compute_format(z_in);
+    z = z_in.contiguous(fmt);
+    layout = layout_of(z, fmt);
+    mask = mask_in.contiguous();
+    mean = mean_in.to(stat).contiguous();
+    invstd = invstd_in.to(stat).contiguous();
+    if (weight_in.has_value()) weight = weight_in->to(stat).contiguous();
+    dy_same_dtype = dy_in.scalar_type() == z.scalar_type();
+    dy = (dy_same_dtype ? dy_in : dy_in.to(stat)).contiguous(fmt);
+  }
+
+  // dz in z's layout, and dres in dy's (or an undefined tensor).
+  at::Tensor new_dz() const { return at::empty_like(z, z.options(), fmt); }
+  at::Tensor new_dres(bool need) const { return need ? at::empty_like(dy, dy.options(), fmt) : at::Tensor(); }
+};
+
+// dres as the op returns it: empty when not wanted, else in dy's dtype.
+at::Tensor finish_dres(at::Tensor dres, bool need, const at::Tensor& dy_in, bool dy_same_dtype) {
+  if (!need) return at::empty({0}, dy_in.options());
+  return dy_same_dtype ? dres : dres.to(dy_in.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& mask, const at::Tensor& mean,
     const at::Tensor& invstd, const c10::optional<at::Tensor>& weight, bool batch_stats, bool need_residual_grad) {
-  check_backward_args("bn_backward", dy_in, z_in, mask, mean, invstd, weight);
-  const int64_t C = z_in.size(1);
-  const auto st = stat_type(z_in.scalar_type());
-  const int64_t n = z_in.numel();
-  const auto fmt = compute_format(z_in);
-  const at::Tensor z = z_in.contiguous(fmt);
-  const Layout l = layout_of(z, fmt);
-  const at::Tensor mk = mask.contiguous();
-  const at::Tensor mn = mean.to(st).contiguous();
-  const at::Tensor is = invstd.to(st).contiguous();
-  const at::Tensor w = weight.has_value() ? weight->to(st).contiguous() : at::Tensor();
-  // dy in z's dtype is the fast path; any other dtype is read in op-math
-  // precision (the reference's g = dy.to(acc)).
-  const bool same = dy_in.scalar_type() == z.scalar_type();
-  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
-
-  at::Tensor dz = at::empty_like(z, z.options(), fmt);
-  at::Tensor dres = need_residual_grad ? at::empty_like(dy, dy.options(), fmt) : at::Tensor();
-  at::Tensor dweight = at::empty({C}, z.options().dtype(st));
-  at::Tensor dbias = at::empty({C}, z.options().dtype(st));
-  if (n == 0) {
+  const BackwardOperands o("bn_backward", dy_in, z_in, mask, mean, invstd, weight);
+  at::Tensor dz = o.new_dz();
+  at::Tensor dres = o.new_dres(need_residual_grad);
+  at::Tensor dweight = at::empty({o.C}, o.z.options().dtype(o.stat));
+  at::Tensor dbias = at::empty({o.C}, o.z.options().dtype(o.stat));
+  if (o.z.numel() == 0) {
     dweight.zero_();
     dbias.zero_();
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "bn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      if (same) {
-        backward_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, is, w, batch_stats, dz, dres, dweight, dbias);
+      if (o.dy_same_dtype) {
+        backward_impl<scalar_t, scalar_t>(o.dy, o.z, o.mask, o.layout, o.mean, o.invstd, o.weight, batch_stats, dz,
+                                          dres, dweight, dbias);
       } else {
-        backward_impl<scalar_t, acc_t>(dy, z, mk, l, mn, is, w, batch_stats, dz, dres, dweight, dbias);
+        backward_impl<scalar_t, acc_t>(o.dy, o.z, o.mask, o.layout, o.mean, o.invstd, o.weight, batch_stats, dz,
+                                       dres, dweight, dbias);
       }
     });
   }
-  if (!need_residual_grad) {
-    dres = at::empty({0}, dy_in.options());
-  } else if (!same) {
-    dres = dres.to(dy_in.scalar_type());
-  }
-  return {dz, dres, dweight, dbias};
+  return {dz, finish_dres(dres, need_residual_grad, dy_in, o.dy_same_dtype), dweight, dbias};
 }
 
 // Synchronised BatchNorm's backward, split at the point where the per-channel
@@ -397,28 +419,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_cpu(
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& dy_in, const at::Tensor& z_in,
                                                           const at::Tensor& mask, const at::Tensor& mean,
                                                           const at::Tensor& invstd) {
-  check_backward_args("bn_backward_reduce", dy_in, z_in, mask, mean, invstd, c10::nullopt);
-  const int64_t C = z_in.size(1);
-  const auto st = stat_type(z_in.scalar_type());
-  const auto fmt = compute_format(z_in);
-  const at::Tensor z = z_in.contiguous(fmt);
-  const Layout l = layout_of(z, fmt);
-  const at::Tensor mk = mask.contiguous();
-  const at::Tensor mn = mean.to(st).contiguous();
-  const at::Tensor is = invstd.to(st).contiguous();
-  const bool same = dy_in.scalar_type() == z.scalar_type();
-  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
-  at::Tensor sum_dy = at::zeros({C}, z.options().dtype(st));
-  at::Tensor sum_dy_xhat = at::zeros({C}, z.options().dtype(st));
-  if (z.numel() == 0) return {sum_dy, sum_dy_xhat};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_reduce_cpu", [&] {
+  const BackwardOperands o("bn_backward_reduce", dy_in, z_in, mask, mean, invstd, c10::nullopt);
+  at::Tensor sum_dy = at::zeros({o.C}, o.z.options().dtype(o.stat));
+  at::Tensor sum_dy_xhat = at::zeros({o.C}, o.z.options().dtype(o.stat));
+  if (o.z.numel() == 0) return {sum_dy, sum_dy_xhat};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* sg = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xhat.mutable_data_ptr<acc_t>();
-    if (same) reduce_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, sg, sx);
-    else reduce_impl<scalar_t, acc_t>(dy, z, mk, l, mn, sg, sx);
-    const acc_t* isp = is.const_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) sx[c] *= isp[c];
+    if (o.dy_same_dtype) reduce_impl<scalar_t, scalar_t>(o.dy, o.z, o.mask, o.layout, o.mean, sg, sx);
+    else reduce_impl<scalar_t, acc_t>(o.dy, o.z, o.mask, o.layout, o.mean, sg, sx);
+    const acc_t* isp = o.invstd.const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < o.C; ++c) sx[c] *= isp[c];
   });
   return {sum_dy, sum_dy_xhat};
 }
@@ -429,43 +441,33 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_elemt_cpu(const at::Tensor& dy_in
                                                          const c10::optional<at::Tensor>& weight,
                                                          const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
                                                          int64_t count, bool need_residual_grad) {
-  check_backward_args("bn_backward_elemt", dy_in, z_in, mask, mean, invstd, weight);
-  const int64_t C = z_in.size(1);
-  check_channel_vec(sum_dy, "bn_backward_elemt", "sum_dy", C);
-  check_channel_vec(sum_dy_xhat, "bn_backward_elemt", "sum_dy_xhat", C);
-  TORCH_CHECK(count > 0 || z_in.numel() == 0, "fused_resnet.bn_backward_elemt: `count` (values per channel over "
+  const BackwardOperands o("bn_backward_elemt", dy_in, z_in, mask, mean, invstd, weight);
+  check_channel_vec(sum_dy, "bn_backward_elemt", "sum_dy", o.C);
+  check_channel_vec(sum_dy_xhat, "bn_backward_elemt", "sum_dy_xhat", o.C);
+  TORCH_CHECK(count > 0 || o.z.numel() == 0, "fused_resnet.bn_backward_elemt: `count` (values per channel over "
               "every process) must be positive, got ", count);
-  const auto st = stat_type(z_in.scalar_type());
-  const auto fmt = compute_format(z_in);
-  const at::Tensor z = z_in.contiguous(fmt);
-  const Layout l = layout_of(z, fmt);
-  const at::Tensor mk = mask.contiguous();
-  const at::Tensor mn = mean.to(st).contiguous();
-  const at::Tensor is = invstd.to(st).contiguous();
-  const at::Tensor w = weight.has_value() ? weight->to(st).contiguous() : at::Tensor();
-  const at::Tensor sg = sum_dy.to(st).contiguous();
-  const at::Tensor sx = sum_dy_xhat.to(st).contiguous();
-  const bool same = dy_in.scalar_type() == z.scalar_type();
-  const at::Tensor dy = (same ? dy_in : dy_in.to(st)).contiguous(fmt);
-  at::Tensor dz = at::empty_like(z, z.options(), fmt);
-  at::Tensor dres = need_residual_grad ? at::empty_like(dy, dy.options(), fmt) : at::Tensor();
-  if (z.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_elemt_cpu", [&] {
+  const at::Tensor sg = sum_dy.to(o.stat).contiguous();
+  const at::Tensor sx = sum_dy_xhat.to(o.stat).contiguous();
+  at::Tensor dz = o.new_dz();
+  at::Tensor dres = o.new_dres(need_residual_grad);
+  if (o.z.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "bn_backward_elemt_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const int64_t C = o.C;
       std::vector<acc_t> A(C), B(C), D(C);
-      grad_coefficients<acc_t>(C, is.const_data_ptr<acc_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+      grad_coefficients<acc_t>(C, o.invstd.const_data_ptr<acc_t>(),
+                               o.weight.defined() ? o.weight.const_data_ptr<acc_t>() : nullptr,
                                sg.const_data_ptr<acc_t>(), sx.const_data_ptr<acc_t>(), static_cast<double>(count),
                                true, A.data(), B.data(), D.data());
-      if (same) grad_impl<scalar_t, scalar_t>(dy, z, mk, l, mn, A.data(), B.data(), D.data(), true, dz, dres);
-      else grad_impl<scalar_t, acc_t>(dy, z, mk, l, mn, A.data(), B.data(), D.data(), true, dz, dres);
+      if (o.dy_same_dtype) {
+        grad_impl<scalar_t, scalar_t>(o.dy, o.z, o.mask, o.layout, o.mean, A.data(), B.data(), D.data(), true, dz,
+                                      dres);
+      } else {
+        grad_impl<scalar_t, acc_t>(o.dy, o.z, o.mask, o.layout, o.mean, A.data(), B.data(), D.data(), true, dz, dres);
+      }
     });
   }
-  if (!need_residual_grad) {
-    dres = at::empty({0}, dy_in.options());
-  } else if (!same) {
-    dres = dres.to(dy_in.scalar_type());
-  }
-  return {dz, dres};
+  return {dz, finish_dres(dres, need_residual_grad, dy_in, o.dy_same_dtype)};
 }
 
 }  // namespace
