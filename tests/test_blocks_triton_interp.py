@@ -1,6 +1,7 @@
 """The fused blocks on the `triton` backend, through Triton's interpreter on
 CPU tensors (tiny sizes): Triton conv with folded-BN epilogue in eval, conv
-with the statistics epilogue + batch_norm_act in training.
+with the statistics epilogue + batch_norm_act in training, and training with
+the "prologue" fusion (inner BN + ReLU in the next conv's prologue).
 
 TRITON_INTERPRET is read when kernels are decorated, so the checks run in a
 child process started with it set; this process only launches the child and
@@ -33,10 +34,22 @@ def spy(*a, **k):
     return orig(*a, **k)
 launch.conv2d_bn_act = spy
 
+pro_calls = []
+pro_kernel = launch.conv2d_fwd_prologue_kernel
+class ProSpy:
+    def __getitem__(self, grid):
+        pro_calls.append(1)
+        return pro_kernel[grid]
+launch.conv2d_fwd_prologue_kernel = ProSpy()
+
 results = []
 specs = [("basic-downsample", 8, 16, 2, 1, 64, 1), ("bottleneck-grouped", 32, 8, 1, 4, 8, 1)]
+# (train, prologue fusion): eval, training, and training with every inner
+# BN + ReLU in the next conv's prologue.
 for spec in specs:
-    for train in (True, False):
+    for train, prologue in ((True, False), (False, False), (True, True)):
+        block_paths.FUSIONS["prologue"] = prologue
+        p0 = len(pro_calls)
         fused, eager, ref = _block_trio(*spec)
         fused.backend = "triton"
         fused.to(memory_format=torch.channels_last)
@@ -55,7 +68,8 @@ for spec in specs:
         _check_grads(fused, eager, ref, spec[0], elementwise=True)
         _check_buffers(fused, eager, ref, spec[0])
         assert len(calls) > n0, "the Triton kernel was not launched"
-        results.append(f"{spec[0]}-train={train}")
+        assert (len(pro_calls) > p0) == prologue, "prologue kernel launches do not follow the switch"
+        results.append(f"{spec[0]}-train={train}-prologue={prologue}")
 print("RESULTS " + json.dumps(results))
 """
 
@@ -64,10 +78,11 @@ def test_fused_blocks_on_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("FUSED_RESNET_BACKEND", None)
+    env.pop("FUSED_RESNET_FUSIONS", None)
     code = f"HERE = {HERE!r}\n" + CHILD
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert line, out[-3000:]
-    assert len(json.loads(line[-1][len("RESULTS "):])) == 4
+    assert len(json.loads(line[-1][len("RESULTS "):])) == 6
