@@ -82,7 +82,7 @@ void apply_all(const scalar_t* z, const scalar_t* r, scalar_t* y, uint8_t* mask,
           i = stop;
         }
       }
-      if constexpr (kRelu) pack_positive<scalar_t>(y + b, mask + (b >> 3), e - b);
+      if constexpr (kRelu) pack_relu_mask<scalar_t>(y + b, mask + (b >> 3), e - b);
     }
   });
 }
@@ -138,15 +138,7 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& z_in, const at
     y = y.to(odt);
     if (relu && n > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, odt, "bn_apply_cpu_mask", [&] {
-        const scalar_t* yp = y.const_data_ptr<scalar_t>();
-        uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
-        const int64_t nchunks = (n + kChunk - 1) / kChunk;
-        at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-          for (int64_t k = cb; k < ce; ++k) {
-            const int64_t b = k * kChunk, e = std::min(n, b + kChunk);
-            pack_positive<scalar_t>(yp + b, mp + (b >> 3), e - b);
-          }
-        });
+        pack_relu_mask_all<scalar_t>(y.const_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(), n);
       });
     }
   }

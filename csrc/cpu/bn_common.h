@@ -126,11 +126,14 @@ inline V relu_keep_nan(const V& v) {
   return V::blendv(v, zero, v < zero);
 }
 
-// Bits (one per lane, lane j -> bit j) of v > 0; NaN gives 0.
-template <typename V>
-inline uint64_t positive_bits(const V& v) {
+// Bits (one per lane, lane j -> bit j) of the ReLU mask of v: v > 0, which
+// gives 0 for NaN (bn_apply's mask); with kNanKeeps, !(v <= 0), which gives 1
+// for NaN (eager's ReLU backward from its output, threshold_backward).
+template <bool kNanKeeps, typename V>
+inline uint64_t relu_bits(const V& v) {
   const V zero(0);
   // zero_mask marks lanes equal to 0; the comparison's lanes are all-ones or 0.
+  if constexpr (kNanKeeps) return static_cast<uint64_t>(static_cast<uint32_t>((v <= zero).zero_mask()));
   const uint64_t lanes = (V::size() >= 64) ? ~uint64_t(0) : ((uint64_t(1) << V::size()) - 1);
   return ~static_cast<uint64_t>(static_cast<uint32_t>((v > zero).zero_mask())) & lanes;
 }
@@ -164,9 +167,10 @@ struct LaneMask {
   }
 };
 
-// Packs (y > 0) of n values of y (starting at a multiple of 8) into mask bytes.
-template <typename scalar_t>
-inline void pack_positive(const scalar_t* y, uint8_t* mask, int64_t n) {
+// Packs the ReLU mask (relu_bits' rule) of n values of y, starting at a
+// multiple of 8, into mask bytes.
+template <typename scalar_t, bool kNanKeeps = false>
+inline void pack_relu_mask(const scalar_t* y, uint8_t* mask, int64_t n) {
   using IO = Io<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -174,16 +178,30 @@ inline void pack_positive(const scalar_t* y, uint8_t* mask, int64_t n) {
   for (; j + IO::kBlock <= n; j += IO::kBlock) {
     V a, b;
     IO::load(y + j, a, b);
-    const uint64_t bits = positive_bits(a) | (positive_bits(b) << IO::kV);
+    const uint64_t bits = relu_bits<kNanKeeps>(a) | (relu_bits<kNanKeeps>(b) << IO::kV);
     for (int64_t k = 0; k < IO::kBlock / 8; ++k) mask[(j >> 3) + k] = static_cast<uint8_t>(bits >> (8 * k));
   }
   for (; j < n; j += 8) {
     uint8_t byte = 0;
     for (int64_t k = 0; k < 8 && j + k < n; ++k) {
-      if (static_cast<acc_t>(y[j + k]) > acc_t(0)) byte |= static_cast<uint8_t>(1u << k);
+      const acc_t v = static_cast<acc_t>(y[j + k]);
+      if (kNanKeeps ? !(v <= acc_t(0)) : v > acc_t(0)) byte |= static_cast<uint8_t>(1u << k);
     }
     mask[j >> 3] = byte;
   }
+}
+
+// pack_relu_mask over a whole tensor of n values, in parallel chunks of
+// kChunk (each owns whole mask bytes).
+template <typename scalar_t, bool kNanKeeps = false>
+inline void pack_relu_mask_all(const scalar_t* y, uint8_t* mask, int64_t n) {
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) {
+      const int64_t b = k * kChunk, e = std::min(n, b + kChunk);
+      pack_relu_mask<scalar_t, kNanKeeps>(y + b, mask + (b >> 3), e - b);
+    }
+  });
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {

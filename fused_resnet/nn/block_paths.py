@@ -258,6 +258,13 @@ def _momentum_for(bn: nn.BatchNorm2d) -> float | None:
     return bn.momentum
 
 
+def _moments_from_sums(s: torch.Tensor, ss: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 (mean, biased variance) from per-channel sums over `count` values:
+    E[x^2] - E[x]^2 clamped at 0 (differentiable in s and ss)."""
+    mean = s.double() / count
+    return mean, (ss.double() / count - mean * mean).clamp_min(0)
+
+
 def _stats_from_sums(z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor,
                      shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch_mean, batch_var) for ops.batch_norm_act from a conv's per-channel
@@ -267,9 +274,7 @@ def _stats_from_sums(z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor,
     fp64 from the sums; the sums themselves are fp32, so it cancels
     catastrophically when |mean| >> std (a Welford pass would not).
     Detached: batch_norm_act's backward carries the statistics' gradient."""
-    count = z.numel() // z.shape[1]
-    mean = s.detach().double() / count
-    var = (ss.detach().double() / count - mean**2).clamp_min(0)
+    mean, var = _moments_from_sums(s.detach(), ss.detach(), z.numel() // z.shape[1])
     if shift is not None:
         mean = mean + shift.detach().double()
     return mean.to(s.dtype), var.to(s.dtype)
@@ -329,8 +334,7 @@ def _prologue_params(bn: nn.BatchNorm2d, z: torch.Tensor, s: torch.Tensor, ss: t
     count = z.numel() // z.shape[1]
     if count <= 1:  # F.batch_norm's check and text
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
-    mean = s.double() / count
-    var = (ss.double() / count - mean * mean).clamp_min(0)
+    mean, var = _moments_from_sums(s, ss, count)
     acc = ops.reference.stat_dtype(z.dtype)
     if bn.training and bn.running_mean is not None:
         with torch.no_grad():

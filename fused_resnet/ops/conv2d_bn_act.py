@@ -91,32 +91,39 @@ def _conv2d_bn_act_fake(x, weight, scale, shift, residual, relu, stride, padding
     return y, x.new_empty((n,), dtype=sd), x.new_empty((n,), dtype=sd)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats = inputs
-    y = output[0]
+def save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats) -> None:
+    """The non-tensor state epilogue_backward reads from ctx (the caller
+    saves the tensors)."""
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
     ctx.relu = relu
     ctx.has_scale, ctx.has_shift, ctx.has_residual = scale is not None, shift is not None, residual is not None
     ctx.emit_stats = emit_stats
     ctx.shift_dtype = shift.dtype if shift is not None else None
     ctx.res_dtype = residual.dtype if residual is not None else None
-    ctx.save_for_backward(x, weight, scale, y if relu else None)
     # Unused outputs (often the statistics) then arrive as None, so their
     # backward, which needs z and so a second conv, is skipped.
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats = inputs
+    save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
+    ctx.save_for_backward(x, weight, scale, output[0] if relu else None)
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def epilogue_backward(x, weight, scale, y, gy, gsum, gsumsq, conv_args, relu, has_scale, has_shift, has_residual,
-                      emit_stats, shift_dtype, res_dtype, needs):
-    """Gradients of conv2d_bn_act's contract (x the conv's input as read):
-    (dx, dweight, dscale, dshift, dresidual), each None unless needs[i]
-    (needs: x, weight, scale, shift, residual). The ReLU from y, the
-    statistics' gradients (gsum, gsumsq; None when unused) through z."""
-    stride, padding, dilation, groups = conv_args
+def epilogue_backward(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
+    """Gradients of conv2d_bn_act's contract (x the conv's input as read, ctx
+    set by save_epilogue_context): (dx, dweight, dscale, dshift, dresidual),
+    each None unless needs[i] (needs: x, weight, scale, shift, residual). The
+    ReLU from y, the statistics' gradients (gsum, gsumsq; None when unused)
+    through z."""
+    stride, padding, dilation, groups = ctx.conv_args
+    relu, has_scale, has_shift, has_residual = ctx.relu, ctx.has_scale, ctx.has_shift, ctx.has_residual
+    emit_stats, shift_dtype, res_dtype = ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype
     acc = reference.stat_dtype(x.dtype)
     oh, ow = _out_hw(x.shape, weight.shape, stride, padding, dilation)
     out_shape = (x.shape[0], weight.shape[0], oh, ow)
@@ -149,9 +156,8 @@ def epilogue_backward(x, weight, scale, y, gy, gsum, gsumsq, conv_args, relu, ha
 
 def _backward(ctx, gy, gsum, gsumsq):
     x, weight, scale, y = ctx.saved_tensors
-    dx, dw, d_scale, d_shift, d_residual = epilogue_backward(
-        x, weight, scale, y, gy, gsum, gsumsq, ctx.conv_args, ctx.relu, ctx.has_scale, ctx.has_shift,
-        ctx.has_residual, ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype, ctx.needs_input_grad[:5])
+    dx, dw, d_scale, d_shift, d_residual = epilogue_backward(ctx, x, weight, scale, y, gy, gsum, gsumsq,
+                                                             ctx.needs_input_grad[:5])
     return dx, dw, d_scale, d_shift, d_residual, None, None, None, None, None, None
 
 

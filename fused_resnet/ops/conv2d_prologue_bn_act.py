@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _triton_runs, _use_triton_op,
-                            epilogue_backward)
+from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _per_channel, _triton_runs,
+                            _use_triton_op, epilogue_backward, save_epilogue_context)
 
 _OP = "fused_resnet::conv2d_prologue_bn_act"
 
@@ -65,15 +65,9 @@ def _prologue_fake(x, pre_scale, pre_shift, weight, scale, shift, residual, relu
 def _setup_context(ctx, inputs, output):
     (x, pre_scale, pre_shift, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
      emit_stats) = inputs
-    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
-    ctx.relu = relu
-    ctx.has_scale, ctx.has_shift, ctx.has_residual = scale is not None, shift is not None, residual is not None
-    ctx.emit_stats = emit_stats
-    ctx.shift_dtype = shift.dtype if shift is not None else None
-    ctx.res_dtype = residual.dtype if residual is not None else None
+    save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
     # x (the raw previous output), not the activation: recomputed below.
     ctx.save_for_backward(x, pre_scale, pre_shift, weight, scale, output[0] if relu else None)
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, gy, gsum, gsumsq):
@@ -81,17 +75,15 @@ def _backward(ctx, gy, gsum, gsumsq):
     need_x, need_ps, need_pt, need_w, need_scale, need_shift, need_res = ctx.needs_input_grad[:7]
     a = reference.bn_relu_prologue(x.detach(), pre_scale.detach(), pre_shift.detach())
     need_a = need_x or need_ps or need_pt
-    da, dw, d_scale, d_shift, d_residual = epilogue_backward(
-        a, weight, scale, y, gy, gsum, gsumsq, ctx.conv_args, ctx.relu, ctx.has_scale, ctx.has_shift,
-        ctx.has_residual, ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype,
-        (need_a, need_w, need_scale, need_shift, need_res))
+    da, dw, d_scale, d_shift, d_residual = epilogue_backward(ctx, a, weight, scale, y, gy, gsum, gsumsq,
+                                                             (need_a, need_w, need_scale, need_shift, need_res))
     dx = d_pre_scale = d_pre_shift = None
     if need_a and da is not None:
         acc = reference.stat_dtype(x.dtype)
         # ReLU's backward from its (rounded) output, as eager's: a > 0.
         dpre = torch.where(a > 0, da.to(acc), torch.zeros((), dtype=acc, device=da.device))
         if need_x:
-            dx = (dpre * pre_scale.to(acc).view(1, -1, 1, 1)).to(x.dtype)
+            dx = (dpre * _per_channel(pre_scale.to(acc))).to(x.dtype)
         if need_ps:
             d_pre_scale = (dpre * x.to(acc)).sum(dim=(0, 2, 3)).to(pre_scale.dtype)
         if need_pt:

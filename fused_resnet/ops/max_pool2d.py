@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from . import reference
 from ._dispatch import native_op, use_native
 
 _OP = "fused_resnet::max_pool2d"
@@ -35,9 +36,7 @@ if _backend.native_loaded():
         torch._check(x.dim() == 4, lambda: "fused_resnet.max_pool2d: `x` must be 4-D")
         h, w = (_pooled(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode)
                 for a in range(2))
-        fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)) else torch.contiguous_format
-        return x.new_empty((x.shape[0], x.shape[1], h, w)).contiguous(memory_format=fmt)
+        return x.new_empty((x.shape[0], x.shape[1], h, w)).contiguous(memory_format=reference.memory_format_of(x))
 
 
 def _pair(v, name: str) -> list[int]:
