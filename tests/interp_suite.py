@@ -54,3 +54,24 @@ def drop_interp_tests_outside_the_interpreter(namespace: dict) -> None:
     if not IN_INTERPRETER:
         for name in [n for n in namespace if n.startswith("test_interp_")]:
             del namespace[name]
+
+
+def count_kernel_launches(monkeypatch, *names: str) -> dict[str, int]:
+    """Count launches (kernel[grid](...)) of the named Triton kernels of
+    fused_resnet.triton.launch, e.g. "conv2d_fwd_prologue_kernel", for the
+    rest of the test; returns the live {name: count} dict."""
+    from fused_resnet.triton import launch
+
+    counts = dict.fromkeys(names, 0)
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(launch, name, Spy(getattr(launch, name), name))
+    return counts

@@ -16,7 +16,8 @@ import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_prologue_bn_act, reference
-from interp_suite import IN_INTERPRETER, drop_interp_tests_outside_the_interpreter, run_interp_tests
+from interp_suite import (IN_INTERPRETER, count_kernel_launches, drop_interp_tests_outside_the_interpreter,
+                          run_interp_tests)
 
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups), one per kernel
 # mode and address pattern (see test_triton_conv.SHAPES).
@@ -56,21 +57,11 @@ def _d64(t):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
-    from fused_resnet.triton import launch
-
-    calls = []
-    kernel = launch.conv2d_fwd_prologue_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(launch, "conv2d_fwd_prologue_kernel", Spy())
+    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel")
     dt = DTYPES[dtype]
     x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], dt)
     y, s, q = conv2d_prologue_bn_act(x, ps, pt, wt, sc, sf, r, True, emit_stats=True, backend="triton", **conv)
-    assert calls, "the prologue kernel did not run"
+    assert calls["conv2d_fwd_prologue_kernel"], "the prologue kernel did not run"
     eager = reference.conv2d_prologue_bn_act(x, ps, pt, wt, sc, sf, r, True, emit_stats=True, **conv)
     ref = reference.conv2d_prologue_bn_act(*map(_d64, (x, ps, pt, wt, sc, sf, r)), True, emit_stats=True, **conv)
     assert y.dtype == dt and y.is_contiguous(memory_format=torch.channels_last)
@@ -142,18 +133,8 @@ def _train_block(spec):
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
-    from fused_resnet.triton import launch
-
     monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
-    calls = []
-    kernel = launch.conv2d_fwd_prologue_kernel
-
-    class Spy:  # counts launches of the prologue kernel itself
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(launch, "conv2d_fwd_prologue_kernel", Spy())
+    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel")
     fused, eager, ref, x = _train_block(BLOCKS[name])
     n_inner = 2 if BLOCKS[name][0] == "bottleneck" else 1
     outs, grads_in = [], []
@@ -163,7 +144,8 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype))
         outs.append(y)
         grads_in.append(xi.grad)
-    assert len(calls) == n_inner, f"expected {n_inner} prologue convs, saw {len(calls)}"
+    launched = calls["conv2d_fwd_prologue_kernel"]
+    assert launched == n_inner, f"expected {n_inner} prologue convs, saw {launched}"
     numerics.assert_close_to_reference(*outs, what=f"{name}: y")
     numerics.assert_close_to_reference(*grads_in, kind="grad", what=f"{name}: dx")
     named = [dict(m.named_parameters()) for m in (fused, eager, ref)]

@@ -30,7 +30,7 @@ import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
-from interp_suite import drop_interp_tests_outside_the_interpreter, run_interp_tests
+from interp_suite import count_kernel_launches, drop_interp_tests_outside_the_interpreter, run_interp_tests
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -84,24 +84,12 @@ def _launch():
     return launch
 
 
+PLAIN, SHORTCUT = "conv2d_fwd_kernel", "conv2d_fwd_shortcut_kernel"
+
+
 def _spy_kernels(monkeypatch):
     """Count launches of the two conv kernels (plain and with the shortcut)."""
-    from fused_resnet.triton import conv2d_fwd, launch
-
-    counts = {"plain": 0, "shortcut": 0}
-
-    class Spy:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            counts[self.name] += 1
-            return self.kernel[grid]
-
-    monkeypatch.setattr(launch, "conv2d_fwd_kernel", Spy(conv2d_fwd.conv2d_fwd_kernel, "plain"))
-    monkeypatch.setattr(launch, "conv2d_fwd_shortcut_kernel",
-                        Spy(conv2d_fwd.conv2d_fwd_shortcut_kernel, "shortcut"))
-    return counts
+    return count_kernel_launches(monkeypatch, PLAIN, SHORTCUT)
 
 
 def _run_kernel(x, wt, b, x2, wt2, s2, conv, relu=True):
@@ -119,7 +107,7 @@ def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
     dt = DTYPES[dtype]
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES[name], dt)
     y = _run_kernel(x, wt, b, x2, wt2, s2, conv)
-    assert counts == {"plain": 0, "shortcut": 1}
+    assert counts == {PLAIN: 0, SHORTCUT: 1}
     _check(y, x, wt, b, x2, wt2, s2, conv, True, dt, f"{name} {dtype}")
 
 
@@ -157,14 +145,14 @@ def test_interp_op_dispatch_and_grad_fallback(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["1x1_sc_s2_odd"], torch.float32)
     y = conv2d_bias_act_shortcut(x, wt, b, x2, wt2, s2, True, backend="triton", **conv)
-    assert counts["shortcut"] == 1
+    assert counts[SHORTCUT] == 1
     _check(y, x, wt, b, x2, wt2, s2, conv, True, torch.float32, "op")
     want = reference.conv2d_bias_act_shortcut(x, wt, b, x2, wt2, s2, True, **conv)
     assert torch.equal(conv2d_bias_act_shortcut(x, wt, b, x2, wt2, s2, True, backend="reference", **conv), want)
     # Gradient wanted: the differentiable reference runs, not the kernel.
     leaves = [t.detach().clone().requires_grad_() for t in (x, wt, b, x2, wt2)]
     y = conv2d_bias_act_shortcut(*leaves[:4], leaves[4], s2, True, backend="triton", **conv)
-    assert counts["shortcut"] == 1 and y.requires_grad
+    assert counts[SHORTCUT] == 1 and y.requires_grad
     y.square().sum().backward()
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, wt, b, x2, wt2)]
     reference.conv2d_bias_act_shortcut(*ref_leaves, s2, True, **conv).square().sum().backward()
@@ -177,7 +165,7 @@ def test_interp_bf16_takes_the_reference_path(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["1x1_sc_s1"], torch.bfloat16)
     y = conv2d_bias_act_shortcut(x, wt, b, x2, wt2, s2, True, backend="triton", **conv)
-    assert counts == {"plain": 0, "shortcut": 0}
+    assert counts == {PLAIN: 0, SHORTCUT: 0}
     assert torch.equal(y, reference.conv2d_bias_act_shortcut(x, wt, b, x2, wt2, s2, True, **conv))
 
 
@@ -241,7 +229,7 @@ def test_interp_block_eval_fuses_the_shortcut(name, dtype, monkeypatch):
         numerics.assert_close_to_reference(y, eager(x), ref(x.double()), dtype=dt, what=f"{name} {dtype}")
     # conv1 [+ conv2] plain, the last conv with the shortcut: no downsample launch.
     n_plain = 2 if BLOCKS[name][0] == "bottleneck" else 1
-    assert counts == {"plain": n_plain, "shortcut": 1}, counts
+    assert counts == {PLAIN: n_plain, SHORTCUT: 1}, counts
 
 
 @interp_only
@@ -254,7 +242,7 @@ def test_interp_switch_off_gives_the_old_path(name, monkeypatch):
         assert old["shortcut_gemm"] is True and not block_paths.FUSIONS["shortcut_gemm"]
         with torch.no_grad():
             y_off = fused(x)
-            assert counts["shortcut"] == 0 and counts["plain"] == (4 if name.startswith("bottleneck") else 3)
+            assert counts[SHORTCUT] == 0 and counts[PLAIN] == (4 if name.startswith("bottleneck") else 3)
             assert torch.equal(y_off, _old_path(fused, x))
     finally:
         fused_resnet.set_fusions(**old)
@@ -262,7 +250,7 @@ def test_interp_switch_off_gives_the_old_path(name, monkeypatch):
         y_on = fused(x)
         numerics.assert_close_to_reference(y_on, eager(x), ref(x.double()), what=name)
         numerics.assert_close_to_reference(y_off, eager(x), ref(x.double()), what=name)
-    assert counts["shortcut"] == 1
+    assert counts[SHORTCUT] == 1
 
 
 @interp_only
@@ -272,13 +260,13 @@ def test_interp_grad_or_training_take_the_unfused_path(monkeypatch):
     # Eval with autograd recording (parameters require grad): no fused op.
     xg = x.clone().requires_grad_()
     y = fused(xg)
-    assert counts["shortcut"] == 0
+    assert counts[SHORTCUT] == 0
     y.sum().backward()
     assert xg.grad is not None and fused.downsample[0].weight.grad is not None
     numerics.assert_close_to_reference(y, eager(x), ref(x.double()), what="eval with grad")
     fused.train()
     fused(x)
-    assert counts["shortcut"] == 0
+    assert counts[SHORTCUT] == 0
 
 
 @interp_only
@@ -304,7 +292,7 @@ def test_interp_torch_compile_fullgraph_keeps_the_fused_shortcut(monkeypatch):
     with torch.no_grad():
         y = compiled(x)
         numerics.assert_close_to_reference(y, eager(x), ref(x.double()), what="compiled block")
-    assert counts["shortcut"] >= 1
+    assert counts[SHORTCUT] >= 1
     torch._dynamo.reset()
 
 
@@ -326,10 +314,10 @@ def test_interp_optimize_on_triton(monkeypatch):
     opt = fused_resnet.optimize(model, x, backend="triton")
     assert opt is model and not model.training and a.backend == b.backend == "triton"
     assert a.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert counts["shortcut"] == 2
+    assert counts[SHORTCUT] == 2
     with torch.no_grad():
         numerics.assert_close_to_reference(opt(x), eager(x), ref(x.double()), what="optimized blocks")
-    assert counts["shortcut"] == 4
+    assert counts[SHORTCUT] == 4
 
 
 def test_interpreter_suite(tmp_path):
