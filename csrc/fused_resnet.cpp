@@ -85,6 +85,15 @@ TORCH_LIBRARY(fused_resnet, m) {
       "bn_backward_elemt(Tensor dy, Tensor z, Tensor mask, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor sum_dy, Tensor sum_dy_xhat, int count, bool need_residual_grad) -> (Tensor dz, Tensor dresidual)");
 
+  // The CPU output cache (csrc/cpu/output_cache.h): [limit, cached bytes,
+  // cached blocks, hits, misses, evictions]; a new limit in bytes (returns the
+  // old one; 0 turns the cache off); release every cached block; zero the
+  // hit/miss/eviction counters.
+  m.def("cpu_cache_stats() -> int[]");
+  m.def("cpu_cache_set_limit(int bytes) -> int");
+  m.def("cpu_cache_clear() -> ()");
+  m.def("cpu_cache_reset_counters() -> ()");
+
   // ---- cudnn backend (csrc/cudnn/; kernels exist only when the cuDNN frontend
   // headers were found at build time). Conv operands are N, C, H, W in any
   // layout; outputs are channels_last; per-channel vectors are (C,) in fp32 or

@@ -17,6 +17,7 @@ from . import ops
 from .ops.batch_norm_act import relu_saves, set_relu_saves
 from .nn.block_paths import get_fusions, set_fusions
 from .optimize import optimize
+from .cpu_cache import cpu_cache_stats, empty_cpu_cache, reset_cpu_cache_counters, set_cpu_cache_limit
 from .nn import (
     MODEL_BUILDERS,
     FusedBasicBlock,
@@ -52,6 +53,10 @@ __all__ = [
     "set_fusions",
     "get_fusions",
     "optimize",
+    "cpu_cache_stats",
+    "empty_cpu_cache",
+    "reset_cpu_cache_counters",
+    "set_cpu_cache_limit",
     "MODEL_BUILDERS",
     "FusedBasicBlock",
     "FusedBottleneck",

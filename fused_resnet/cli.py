@@ -35,11 +35,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("device       cpu only (no CUDA GPU visible)")
     print(f"cpu threads  {torch.get_num_threads()}")
     print(f"selected     {_backend.get_backend()}")
-    from . import get_fusions, relu_saves
+    from . import cpu_cache_stats, get_fusions, relu_saves
 
     print("fusions      " + ", ".join(f"{k}={'on' if v else 'off'}" for k, v in get_fusions().items())
           + "  (set_fusions / $FUSED_RESNET_FUSIONS)")
     print(f"relu saves   {relu_saves()}  (set_relu_saves / $FUSED_RESNET_RELU_SAVES)")
+    if _backend.native_loaded():
+        print(f"cpu cache    {cpu_cache_stats()['limit'] / 2**20:.0f} MiB limit for CPU op outputs "
+              "(set_cpu_cache_limit / $FUSED_RESNET_CPU_CACHE_MB)")
     print("backends:")
     for name, av in _backend.availability().items():
         mark = "yes" if av.available else "no "

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "bn_common.h"
+#include "output_cache.h"
 
 namespace fused_resnet {
 namespace bn {
@@ -114,9 +115,9 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& z_in, const at
   TORCH_CHECK(odt == at::kFloat || odt == at::kHalf || odt == at::kBFloat16 || odt == at::kDouble,
               "fused_resnet.bn_apply: `out_dtype` must be float32, float16, bfloat16 or float64, got ", odt);
 
-  at::Tensor y = at::empty_like(z, z.options(), fmt);
+  at::Tensor y = cached_empty(z.sizes(), z.scalar_type(), fmt);
   const int64_t n = z.numel();
-  at::Tensor mask = at::empty({relu ? (n + 7) / 8 : 0}, z.options().dtype(at::kByte));
+  at::Tensor mask = cached_empty({relu ? (n + 7) / 8 : 0}, at::kByte, at::MemoryFormat::Contiguous);
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_apply_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;

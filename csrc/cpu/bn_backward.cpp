@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bn_common.h"
+#include "output_cache.h"
 
 namespace fused_resnet {
 namespace bn {
@@ -376,8 +377,8 @@ struct BackwardOperands {
   }
 
   // dz in z's layout, and dres in dy's (or an undefined tensor).
-  at::Tensor new_dz() const { return at::empty_like(z, z.options(), fmt); }
-  at::Tensor new_dres(bool need) const { return need ? at::empty_like(dy, dy.options(), fmt) : at::Tensor(); }
+  at::Tensor new_dz() const { return cached_empty(z.sizes(), z.scalar_type(), fmt); }
+  at::Tensor new_dres(bool need) const { return need ? cached_empty(dy.sizes(), dy.scalar_type(), fmt) : at::Tensor(); }
 };
 
 // dres as the op returns it: empty when not wanted, else in dy's dtype.

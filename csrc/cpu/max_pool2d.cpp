@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "../fused_resnet.h"
+#include "output_cache.h"
 
 namespace fused_resnet {
 namespace {
@@ -138,7 +139,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size, a
   const auto fmt = compute_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1);
-  at::Tensor y = at::empty({N, C, q.out[0], q.out[1]}, x.options().memory_format(fmt));
+  at::Tensor y = cached_empty({N, C, q.out[0], q.out[1]}, x.scalar_type(), fmt);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_cpu", [&] {
     if (fmt == at::MemoryFormat::ChannelsLast) {

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "bn_common.h"
+#include "output_cache.h"
 
 namespace fused_resnet {
 namespace bn {
@@ -17,7 +18,7 @@ at::Tensor relu_mask_cpu(const at::Tensor& y_in) {
   check_floating(y_in, "y");
   const at::Tensor y = y_in.contiguous(compute_format(y_in));
   const int64_t n = y.numel();
-  at::Tensor mask = at::empty({(n + 7) / 8}, y.options().dtype(at::kByte));
+  at::Tensor mask = cached_empty({(n + 7) / 8}, at::kByte, at::MemoryFormat::Contiguous);
   if (n == 0) return mask;
   // !(y <= 0): eager's ReLU backward from its output zeroes the gradient
   // where y <= 0, so a NaN output lets the gradient through.
