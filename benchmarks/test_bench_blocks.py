@@ -35,13 +35,20 @@ STAGES = [
     ("bottleneck-l3", Bottleneck, FusedBottleneck, 1024, 256, 14),
     ("bottleneck-l4", Bottleneck, FusedBottleneck, 2048, 512, 7),
 ]
+# Training ablations of the triton provider: fusion switches per provider id.
+ABLATIONS = {
+    "triton+prologue": dict(prologue=True),                           # inner BN + ReLU in the next conv's prologue
+    "triton+prologue-nodgrad": dict(prologue=True, prologue_dgrad=False),  # ... with the unfused data gradient
+}
+
+
 def _with_prologue_ablation(params: list) -> list:
-    """The triton provider again with the 'prologue' fusion on (training
-    blocks: each inner BN + ReLU in the next conv's prologue)."""
+    """The triton provider again with each ABLATIONS entry's fusions
+    (training blocks only)."""
     out = list(params)
     for p in params:
         if p.values[0] == "triton":
-            out.append(pytest.param("triton+prologue", id="fused-triton+prologue", marks=p.marks))
+            out += [pytest.param(name, id=f"fused-{name}", marks=p.marks) for name in ABLATIONS]
     return out
 
 
@@ -80,10 +87,10 @@ def _step(model, x, grad_out, train):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("stage", STAGES, ids=[s[0] for s in STAGES])
 def test_block(benchmark, timed, check, device, dtype, stage, mode, provider):
-    if provider == "triton+prologue":
+    if provider in ABLATIONS:
         if mode != "train":
-            pytest.skip("the prologue fusion is a training path")
-        old = set_fusions(prologue=True)
+            pytest.skip("the prologue fusions are a training path")
+        old = set_fusions(**ABLATIONS[provider])
         try:
             _bench_block(benchmark, timed, check, device, dtype, stage, mode, "triton")
         finally:

@@ -15,7 +15,7 @@ Importing never fails because a backend is missing; `fused-resnet info`
 from ._backend import BACKENDS, BackendError, availability, available_backends, get_backend, set_backend
 from . import ops
 from .ops.batch_norm_act import relu_saves, set_relu_saves
-from .nn.block_paths import get_fusions, set_fusions
+from .fusions import get_fusions, set_fusions
 from .optimize import optimize
 from .cpu_cache import cpu_cache_stats, empty_cpu_cache, reset_cpu_cache_counters, set_cpu_cache_limit
 from .nn import (

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import numerics
+from fused_resnet import fusions, numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_prologue_bn_act, reference
 from interp_suite import (IN_INTERPRETER, count_kernel_launches, drop_interp_tests_outside_the_interpreter,
@@ -31,6 +31,9 @@ SHAPES = {
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 GRAD_SHAPES = ("1x1", "3x3_s1", "grouped_cin4")
+# (shape, fusion prologue_dgrad): the fused data gradient on the stride-1
+# shapes, and the unfused backward once for comparison.
+GRAD_CASES = [(n, True) for n in GRAD_SHAPES] + [("3x3_s1", False)]
 
 
 def _problem(shape, dtype, seed=0):
@@ -71,8 +74,10 @@ def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
         numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=dt, what=f"{name}: sumsq")
 
 
-@pytest.mark.parametrize("name", GRAD_SHAPES)
-def test_interp_gradients_match_autograd_through_the_reference(name):
+@pytest.mark.parametrize("name,fused_dgrad", GRAD_CASES)
+def test_interp_gradients_match_autograd_through_the_reference(name, fused_dgrad, monkeypatch):
+    monkeypatch.setitem(fusions.FUSIONS, "prologue_dgrad", fused_dgrad)
+    calls = count_kernel_launches(monkeypatch, "conv2d_dgrad_prologue_kernel")
     x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], torch.float32, seed=1)
     gen = torch.Generator().manual_seed(2)
 
@@ -92,9 +97,35 @@ def test_interp_gradients_match_autograd_through_the_reference(name):
                   tensors, torch.float32)
     ref = grads(lambda *t: reference.conv2d_prologue_bn_act(*t, True, emit_stats=True, **conv),
                 tensors, torch.float64)
+    assert calls["conv2d_dgrad_prologue_kernel"] == (1 if fused_dgrad else 0)
     for what, f, e, rf in zip(("x", "pre_scale", "pre_shift", "weight", "scale", "shift", "residual"),
                               fused, eager, ref):
         numerics.assert_close_to_reference(f, e, rf, dtype=torch.float32, kind="grad", what=f"{name}: d{what}")
+
+
+# Stride-1 shapes: the fused data gradient's kernel modes (1x1 -> MODE_GEMM,
+# 3x3 -> MODE_CBLOCK with its own padding, thin/grouped -> MODE_FLAT, and a
+# dilated conv whose data-gradient padding differs from the forward's).
+DGRAD_SHAPES = ("1x1", "3x3_s1", "3x3_thin_cin", "grouped_cin4", "dilated")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("name", DGRAD_SHAPES)
+def test_interp_fused_dgrad_kernel_matches_reference(name, dtype, monkeypatch):
+    from fused_resnet.triton import launch
+
+    calls = count_kernel_launches(monkeypatch, "conv2d_dgrad_prologue_kernel")
+    dt = DTYPES[dtype]
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], dt, seed=3)
+    dz = torch.randn(r.shape, generator=torch.Generator().manual_seed(6)).to(dt)
+    args = (conv["padding"], conv["dilation"], conv["groups"])
+    got = launch.conv2d_dgrad_prologue(dz, wt, x, ps, pt, *args)
+    assert calls["conv2d_dgrad_prologue_kernel"] == 1
+    eager = reference.conv2d_dgrad_prologue(dz, wt, x, ps, pt, *args)
+    ref = reference.conv2d_dgrad_prologue(*map(_d64, (dz, wt, x, ps, pt)), *args)
+    assert got[0].dtype == dt and got[0].is_contiguous(memory_format=torch.channels_last)
+    for what, g, e, rf in zip(("dx", "d_pre_scale", "d_pre_shift"), got, eager, ref):
+        numerics.assert_close_to_reference(g, e, rf, dtype=dt, kind="grad", what=f"{name} {dtype}: {what}")
 
 
 # ------------------------------------------------ whole blocks in training
@@ -134,7 +165,7 @@ def _train_block(spec):
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
     monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
-    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel")
+    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
     fused, eager, ref, x = _train_block(BLOCKS[name])
     n_inner = 2 if BLOCKS[name][0] == "bottleneck" else 1
     outs, grads_in = [], []
@@ -146,6 +177,9 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
         grads_in.append(xi.grad)
     launched = calls["conv2d_fwd_prologue_kernel"]
     assert launched == n_inner, f"expected {n_inner} prologue convs, saw {launched}"
+    # The stride-1 prologue convs' backward runs the fused data gradient.
+    stride1_inner = n_inner - (1 if BLOCKS[name][3] == 2 else 0)
+    assert calls["conv2d_dgrad_prologue_kernel"] == stride1_inner
     numerics.assert_close_to_reference(*outs, what=f"{name}: y")
     numerics.assert_close_to_reference(*grads_in, kind="grad", what=f"{name}: dx")
     named = [dict(m.named_parameters()) for m in (fused, eager, ref)]
@@ -161,12 +195,32 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
 
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_SHAPES) + len(BLOCKS))
+    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_CASES)
+                     + len(DGRAD_SHAPES) * len(DTYPES) + len(BLOCKS))
 
 
 def test_prologue_switch_defaults_off_and_is_listed():
     assert "prologue" in fused_resnet.get_fusions()
     assert block_paths.FUSION_DEFAULTS["prologue"] is False
+    # Its backward's sub-switch, on by default (used only with the prologue).
+    assert fusions.FUSION_DEFAULTS["prologue_dgrad"] is True
+    assert block_paths.FUSIONS is fusions.FUSIONS  # one dict, re-exported
+
+
+def test_fused_dgrad_argument_errors():
+    from fused_resnet.triton import launch
+
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES["3x3_s1"], torch.float32)
+    dz = torch.randn(r.shape)
+    n, _, h, w = x.shape
+    with pytest.raises(ValueError, match="padding .* exceeds"):  # 3x3 with padding 3: a cropped dgrad
+        launch.conv2d_dgrad_prologue(torch.randn(n, wt.shape[0], h + 4, w + 4), wt, x, ps, pt, 3, 1, 1)
+    with pytest.raises(ValueError, match="`dz` has shape"):
+        launch.conv2d_dgrad_prologue(dz[:, :, :-1], wt, x, ps, pt, 1, 1, 1)
+    with pytest.raises(ValueError, match="`pre_scale` must have 40"):
+        launch.conv2d_dgrad_prologue(dz, wt, x, ps[:3], pt, 1, 1, 1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        launch.conv2d_dgrad_prologue(dz.half(), wt, x, ps, pt, 1, 1, 1)
 
 
 # ------------------------------------------------ the op without Triton (this process)

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import numerics
+from fused_resnet import fusions, numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
 from interp_suite import count_kernel_launches, drop_interp_tests_outside_the_interpreter, run_interp_tests
@@ -407,7 +407,7 @@ def test_launcher_refuses_statistics_with_the_shortcut():
 
 def test_set_fusions_and_the_environment():
     old = fused_resnet.set_fusions(shortcut_gemm=False)
-    off = {"shortcut_gemm": False, "prologue": old["prologue"]}
+    off = dict(old, shortcut_gemm=False)
     try:
         assert fused_resnet.get_fusions() == off == block_paths.FUSIONS
         assert fused_resnet.set_fusions(shortcut_gemm=True) == off
@@ -417,13 +417,13 @@ def test_set_fusions_and_the_environment():
             fused_resnet.set_fusions(shortcut_gemm=1)
     finally:
         fused_resnet.set_fusions(**old)
-    defaults = {"shortcut_gemm": True, "prologue": False}
-    assert block_paths._fusions_from_env(None) == defaults
-    assert block_paths._fusions_from_env("shortcut_gemm=0") == dict(defaults, shortcut_gemm=False)
-    assert block_paths._fusions_from_env(" Shortcut_GEMM = off ,prologue=on") == {"shortcut_gemm": False,
-                                                                                  "prologue": True}
+    defaults = {"shortcut_gemm": True, "prologue": False, "prologue_dgrad": True}
+    assert fusions._fusions_from_env(None) == defaults
+    assert fusions._fusions_from_env("shortcut_gemm=0") == dict(defaults, shortcut_gemm=False)
+    assert fusions._fusions_from_env(" Shortcut_GEMM = off ,prologue=on") == dict(defaults, shortcut_gemm=False,
+                                                                                  prologue=True)
     with pytest.warns(RuntimeWarning, match="ignoring 'bogus=1'"):
-        assert block_paths._fusions_from_env("bogus=1,shortcut_gemm=1") == defaults
+        assert fusions._fusions_from_env("bogus=1,shortcut_gemm=1") == defaults
     env = dict(os.environ, FUSED_RESNET_FUSIONS="shortcut_gemm=0")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", "import fused_resnet; print(fused_resnet.get_fusions())"],

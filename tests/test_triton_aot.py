@@ -8,7 +8,9 @@ fused_resnet/triton/conv_configs.py, never skipped here.
 Variants compiled per config: the heaviest epilogue (scale, shift, residual,
 ReLU and statistics) always, for conv2d_fwd_kernel and (bf16 and fp32,
 MODE_CBLOCK) for conv2d_fwd_prologue_kernel, whose BN + ReLU prologue adds
-registers in the K loop; lighter epilogues only drop code from it, and an
+registers in the K loop, and for conv2d_dgrad_prologue_kernel over its own
+candidates (conv_configs.dgrad_candidates: its epilogue keeps x_prev's tile
+and two products live); lighter epilogues only drop code from it, and an
 earlier run of every config with no epilogue, and of fp32 with IEEE dots,
 used fewer registers than these. Kept within ~2 minutes cold on 2 cores:
   16-bit configs: bf16 in MODE_GEMM, MODE_CBLOCK and MODE_FLAT; fp16 in
@@ -40,7 +42,8 @@ ARCHS = {80: ("sm_80", 163 * 1024), 90: ("sm_90a", 227 * 1024)}
 REGISTERS_PER_SM = 65536
 
 _INT_ARGS = "M H W C_in OH OW C_out CIN_G COUT_G stride_h stride_w pad_h pad_w dil_h dil_w".split()
-_PTR_ARGS = "x_ptr w_ptr y_ptr scale_ptr shift_ptr res_ptr psum_ptr psumsq_ptr pre_scale_ptr pre_shift_ptr".split()
+_PTR_ARGS = ("x_ptr w_ptr y_ptr scale_ptr shift_ptr res_ptr psum_ptr psumsq_ptr pre_scale_ptr pre_shift_ptr "
+             "dz_ptr dx_ptr x_prev_ptr").split()
 _CONSTEXPRS = ("KH KW MODE HAS_SCALE HAS_SHIFT HAS_RESIDUAL RELU EMIT_STATS INPUT_PRECISION "
                "BLOCK_M BLOCK_N BLOCK_K GROUP_M").split()
 _DIVISIBLE = set(_PTR_ARGS) | {"C_in", "C_out", "CIN_G", "COUT_G"}
@@ -59,6 +62,10 @@ def _jobs(arch: int) -> list[dict]:
 
     heavy = dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=True, RELU=True, EMIT_STATS=True)
     jobs = []
+    for itemsize, cfg in conv_configs.all_configs(arch, "dgrad"):
+        dtype = "bf16" if itemsize == 2 else "fp32"
+        jobs.append(dict(arch=arch, cfg=cfg, dtype=dtype, mode=MODE_CBLOCK, prec="tf32", epi={}, kernel="dgrad",
+                         label=f"sm{arch} {cfg.name} {dtype}/tf32 mode{MODE_CBLOCK} dgrad-epilogue dgrad"))
     for itemsize, cfg in conv_configs.all_configs(arch):
         if itemsize == 2:
             variants = [("bf16", MODE_GEMM, "tf32", heavy, "plain"), ("bf16", MODE_CBLOCK, "tf32", heavy, "plain"),
@@ -79,10 +86,11 @@ def _compile_one(job: dict) -> dict:
 
     from fused_resnet.triton import conv2d_fwd
 
-    kernel = conv2d_fwd.conv2d_fwd_prologue_kernel if job["kernel"] == "prologue" else conv2d_fwd.conv2d_fwd_kernel
+    kernel = {"prologue": conv2d_fwd.conv2d_fwd_prologue_kernel, "dgrad": conv2d_fwd.conv2d_dgrad_prologue_kernel,
+              "plain": conv2d_fwd.conv2d_fwd_kernel}[job["kernel"]]
     cfg, dt = job["cfg"], job["dtype"]
     sig = {n: "*fp32" for n in _PTR_ARGS}
-    sig.update(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", res_ptr=f"*{dt}")
+    sig.update({n: f"*{dt}" for n in ("x_ptr", "w_ptr", "y_ptr", "res_ptr", "dz_ptr", "dx_ptr", "x_prev_ptr")})
     sig.update({n: "i32" for n in _INT_ARGS})
     sig.update({n: "constexpr" for n in _CONSTEXPRS})
     names = list(kernel.arg_names)

@@ -100,6 +100,10 @@ def save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, di
     ctx.emit_stats = emit_stats
     ctx.shift_dtype = shift.dtype if shift is not None else None
     ctx.res_dtype = residual.dtype if residual is not None else None
+    # No epilogue: the output is the raw conv output z, which the statistics'
+    # backward needs; saved (callers keep it alive anyway: the next layer
+    # reads it) instead of recomputed with a second conv.
+    ctx.y_is_z = not relu and scale is None and shift is None and residual is None
     # Unused outputs (often the statistics) then arrive as None, so their
     # backward, which needs z and so a second conv, is skipped.
     ctx.set_materialize_grads(False)
@@ -108,7 +112,13 @@ def save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, di
 def _setup_context(ctx, inputs, output):
     x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats = inputs
     save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
-    ctx.save_for_backward(x, weight, scale, output[0] if relu else None)
+    ctx.save_for_backward(x, weight, scale, output[0] if saves_output(ctx) else None)
+
+
+def saves_output(ctx) -> bool:
+    """Whether the op's output is saved for backward: for the ReLU's mask,
+    or as z for the statistics' backward (ctx.y_is_z)."""
+    return ctx.relu or (ctx.y_is_z and ctx.emit_stats)
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -121,6 +131,22 @@ def epilogue_backward(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
     each None unless needs[i] (needs: x, weight, scale, shift, residual). The
     ReLU from y, the statistics' gradients (gsum, gsumsq; None when unused)
     through z."""
+    dz, d_scale, d_shift, d_residual = epilogue_grad_z(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs[2:])
+    dx = dw = None
+    if needs[0] or needs[1]:
+        stride, padding, dilation, groups = ctx.conv_args
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs[0], needs[1], False],
+        )
+    return dx, dw, d_scale, d_shift, d_residual
+
+
+def epilogue_grad_z(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
+    """The epilogue's half of epilogue_backward: (dz, dscale, dshift,
+    dresidual), dz = dL/d(raw conv output) in op-math precision; needs:
+    scale, shift, residual. x is read only to recompute z, when z is needed
+    and y is not z."""
     stride, padding, dilation, groups = ctx.conv_args
     relu, has_scale, has_shift, has_residual = ctx.relu, ctx.has_scale, ctx.has_shift, ctx.has_residual
     emit_stats, shift_dtype, res_dtype = ctx.emit_stats, ctx.shift_dtype, ctx.res_dtype
@@ -131,27 +157,25 @@ def epilogue_backward(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
     g = gy.to(acc) if gy is not None else torch.zeros(out_shape, dtype=acc, device=x.device)
     if relu:
         g = torch.where(y > 0, g, torch.zeros((), dtype=acc, device=g.device))
-    d_residual = g.to(res_dtype) if has_residual and needs[4] else None
-    d_shift = g.sum(dim=(0, 2, 3)).to(shift_dtype) if has_shift and needs[3] else None
+    d_residual = g.to(res_dtype) if has_residual and needs[2] else None
+    d_shift = g.sum(dim=(0, 2, 3)).to(shift_dtype) if has_shift and needs[1] else None
 
     stats_used = emit_stats and (gsum is not None or gsumsq is not None)
-    need_z = stats_used or (has_scale and needs[2])
-    z = F.conv2d(x.detach(), weight.detach(), None, stride, padding, dilation, groups).to(acc) if need_z else None
-    d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if has_scale and needs[2] else None
+    need_z = stats_used or (has_scale and needs[0])
+    z = None
+    if need_z:
+        if ctx.y_is_z and y is not None:
+            z = y.to(acc)
+        else:
+            z = F.conv2d(x.detach(), weight.detach(), None, stride, padding, dilation, groups).to(acc)
+    d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if has_scale and needs[0] else None
 
     dz = g * _per_channel(scale.to(acc)) if has_scale else g
     if emit_stats and gsum is not None:
         dz = dz + _per_channel(gsum.to(acc))
     if emit_stats and gsumsq is not None:
         dz = dz + 2.0 * z * _per_channel(gsumsq.to(acc))
-
-    dx = dw = None
-    if needs[0] or needs[1]:
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            dz.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [needs[0], needs[1], False],
-        )
-    return dx, dw, d_scale, d_shift, d_residual
+    return dz, d_scale, d_shift, d_residual
 
 
 def _backward(ctx, gy, gsum, gsumsq):

@@ -11,6 +11,13 @@ computed from z_prev's epilogue sums; gradients flow to x, pre_scale and
 pre_shift (hence through the statistics to z_prev) as eager's BN + ReLU +
 conv would give them.
 
+Backward: with the fusion switch prologue_dgrad (on by default) and a
+stride-1 conv on the Triton kernel, the data gradient runs as one kernel
+with the prologue's ReLU + BN backward in its epilogue
+(launch.conv2d_dgrad_prologue): d(activation) is never written, and the
+activation is recomputed only for the weight gradient (aten). Otherwise
+aten's data gradient, then the ReLU + BN backward elementwise.
+
 The op fused_resnet::conv2d_prologue_bn_act has a fake kernel (torch.compile
 traces it as one node) and a registered autograd formula. Where the Triton
 kernel cannot run it computes the same contract with the prologue
@@ -23,9 +30,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import fusions
 from . import reference
 from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _per_channel, _triton_runs,
-                            _use_triton_op, epilogue_backward, save_epilogue_context)
+                            _use_triton_op, epilogue_backward, epilogue_grad_z, save_epilogue_context,
+                            saves_output)
 
 _OP = "fused_resnet::conv2d_prologue_bn_act"
 
@@ -67,11 +76,52 @@ def _setup_context(ctx, inputs, output):
      emit_stats) = inputs
     save_epilogue_context(ctx, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
     # x (the raw previous output), not the activation: recomputed below.
-    ctx.save_for_backward(x, pre_scale, pre_shift, weight, scale, output[0] if relu else None)
+    ctx.save_for_backward(x, pre_scale, pre_shift, weight, scale, output[0] if saves_output(ctx) else None)
+
+
+def _fused_dgrad_runs(ctx, x, weight) -> bool:
+    """Whether the backward's data gradient runs as one Triton kernel with
+    the prologue's ReLU + BN backward in its epilogue
+    (launch.conv2d_dgrad_prologue): switch prologue_dgrad on, the Triton
+    kernel runs for x, stride 1, padding <= dilation * (kernel - 1)."""
+    stride, padding, dilation, _ = ctx.conv_args
+    kh, kw = weight.shape[2:]
+    return (fusions.FUSIONS["prologue_dgrad"] and _triton_runs(x) and tuple(stride) == (1, 1)
+            and padding[0] <= dilation[0] * (kh - 1) and padding[1] <= dilation[1] * (kw - 1))
 
 
 def _backward(ctx, gy, gsum, gsumsq):
     x, pre_scale, pre_shift, weight, scale, y = ctx.saved_tensors
+    need_x, need_ps, need_pt, need_w, need_scale, need_shift, need_res = ctx.needs_input_grad[:7]
+    need_a = need_x or need_ps or need_pt
+    if not (need_a and _fused_dgrad_runs(ctx, x, weight)):
+        return _backward_unfused(ctx, x, pre_scale, pre_shift, weight, scale, y, gy, gsum, gsumsq)
+
+    # The activation is recomputed only where still needed: the weight
+    # gradient (aten) and a z that was not saved.
+    z_recomputed = not (ctx.y_is_z and y is not None) and (
+        (ctx.emit_stats and (gsum is not None or gsumsq is not None)) or (ctx.has_scale and need_scale))
+    a = (reference.bn_relu_prologue(x.detach(), pre_scale.detach(), pre_shift.detach())
+         if need_w or z_recomputed else None)
+    dz, d_scale, d_shift, d_residual = epilogue_grad_z(ctx, a if a is not None else x, weight, scale, y, gy, gsum,
+                                                       gsumsq, (need_scale, need_shift, need_res))
+    dz = dz.to(x.dtype)
+    from ..triton import launch
+
+    _, padding, dilation, groups = ctx.conv_args
+    dx, d_pre_scale, d_pre_shift = launch.conv2d_dgrad_prologue(dz, weight.detach(), x.detach(), pre_scale,
+                                                                pre_shift, padding, dilation, groups)
+    dw = None
+    if need_w:
+        stride = ctx.conv_args[0]
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dz, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False])
+    return (dx if need_x else None, d_pre_scale.to(pre_scale.dtype) if need_ps else None,
+            d_pre_shift.to(pre_shift.dtype) if need_pt else None, dw, d_scale, d_shift, d_residual,
+            None, None, None, None, None, None)
+
+
+def _backward_unfused(ctx, x, pre_scale, pre_shift, weight, scale, y, gy, gsum, gsumsq):
     need_x, need_ps, need_pt, need_w, need_scale, need_shift, need_res = ctx.needs_input_grad[:7]
     a = reference.bn_relu_prologue(x.detach(), pre_scale.detach(), pre_shift.detach())
     need_a = need_x or need_ps or need_pt

@@ -348,6 +348,22 @@ def conv2d_prologue_bn_act(
                          padding, dilation, groups, emit_stats)
 
 
+def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding=0, dilation=1, groups: int = 1):
+    """The fused data-gradient contract of conv2d(bn_relu_prologue(x_prev,
+    pre_scale, pre_shift), weight, stride 1): with da = the conv's input
+    gradient for output gradient dz (op-math precision) and dpre = da where
+    the activation is > 0 (ReLU's backward from its output, as eager's),
+    returns (dx_prev = dpre * pre_scale in x_prev's dtype, d_pre_scale =
+    sum(dpre * x_prev), d_pre_shift = sum(dpre)) with the sums per channel."""
+    acc = stat_dtype(x_prev.dtype)
+    a = bn_relu_prologue(x_prev, pre_scale, pre_shift)
+    da = torch.nn.grad.conv2d_input(tuple(x_prev.shape), weight.to(acc), dz.to(acc), 1, padding, dilation, groups)
+    dpre = torch.where(a > 0, da, torch.zeros((), dtype=acc, device=da.device))
+    dx = (dpre * _per_channel(pre_scale.to(acc), x_prev.dim())).to(x_prev.dtype)
+    dims = [0] + list(range(2, x_prev.dim()))
+    return dx, (dpre * x_prev.to(acc)).sum(dim=dims).to(torch.float32), dpre.sum(dim=dims).to(torch.float32)
+
+
 def conv2d_bias_act_shortcut(
     x: torch.Tensor,
     weight: torch.Tensor,

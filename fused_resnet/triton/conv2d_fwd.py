@@ -29,6 +29,15 @@ relu(x * pre_scale[c] + pre_shift[c]) as it is loaded (masked-off elements,
 zero padding included, stay 0), so the previous layer's normalised
 activation is never written to memory.
 
+Prologue backward (PROLOGUE_BWD, conv2d_dgrad_prologue_kernel, training):
+the data gradient of a stride-1 conv is itself a stride-1 conv of dz with
+the flipped, transposed weight; this mode runs it and, instead of writing
+d(activation), applies the prologue's ReLU backward (from the recomputed
+activation of x_prev) and BN backward in the epilogue: it writes
+dx_prev = dpre * pre_scale and per-tile sums of dpre * x_prev and dpre
+(the gradients of pre_scale and pre_shift), so one kernel replaces the
+dgrad's write and four elementwise passes over it.
+
 Projection shortcut (HAS_SHORTCUT, inference): after the main K loop a second
 GEMM accumulates x2[n, oh*s2, ow*s2, :] @ w2 into the same fp32 accumulator,
 where x2 is the block input (NHWC, C2 channels) and w2 the downsample 1x1 conv
@@ -47,7 +56,7 @@ import triton.language as tl
 
 # Part of every autotune cache key: bump when the kernel changes in a way that
 # could change which config is fastest or whether a config compiles.
-KERNEL_VERSION = "conv2d_fwd-v3"
+KERNEL_VERSION = "conv2d_fwd-v4"
 
 MODE_GEMM = 0
 MODE_CBLOCK = 1
@@ -78,7 +87,7 @@ def _conv2d_fwd(
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, EMIT_STATS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, HAS_PROLOGUE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    PROLOGUE_BWD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -183,29 +192,47 @@ def _conv2d_fwd(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     chan = g * COUT_G + offs_n
-    if EMIT_STATS:
-        # Rows past M and columns past COUT_G hold exact zeros (their loads
-        # were masked to 0), so they add nothing to the sums.
-        stat_offs = pid_m.to(tl.int64) * C_out + chan
-        tl.store(psum_ptr + stat_offs, tl.sum(acc, axis=0), mask=n_ok)
-        tl.store(psumsq_ptr + stat_offs, tl.sum(acc * acc, axis=0), mask=n_ok)
-
-    out = acc
-    if HAS_SCALE:
-        out = out * tl.load(scale_ptr + chan, mask=n_ok, other=0.0)[None, :]
-    if HAS_SHIFT:
-        out = out + tl.load(shift_ptr + chan, mask=n_ok, other=0.0)[None, :]
     # One int64 base per tile and int32 offsets inside it: a [BM, BN] tensor
     # of int64 offsets costs two registers per element and made the big
     # tiles spill (ptxas) once the residual was loaded.
     tile_base = (pid_m * BLOCK_M).to(tl.int64) * C_out
     y_offs = tl.arange(0, BLOCK_M)[:, None] * C_out + chan[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_RESIDUAL:
-        out = out + tl.load(res_ptr + tile_base + y_offs, mask=y_ok, other=0.0).to(tl.float32)
-    if RELU:
-        # where(out < 0) rather than maximum: NaN stays NaN, as torch.relu does.
-        out = tl.where(out < 0.0, 0.0, out)
+    if PROLOGUE_BWD:
+        # acc is d(activation) of the forward conv's input; res_ptr holds
+        # that conv's raw input x_prev, scale/shift_ptr its prologue's
+        # pre_scale/pre_shift. ReLU's backward from the recomputed, rounded
+        # activation (as the forward prologue rounds it), then the prologue's
+        # gradients: dx = dpre * pre_scale, and per-tile partial sums of
+        # dpre * x_prev (-> d pre_scale) and dpre (-> d pre_shift).
+        xp = tl.load(res_ptr + tile_base + y_offs, mask=y_ok, other=0.0)
+        ps = tl.load(scale_ptr + chan, mask=n_ok, other=0.0)
+        pt = tl.load(shift_ptr + chan, mask=n_ok, other=0.0)
+        xf = xp.to(tl.float32)
+        act = (xf * ps[None, :] + pt[None, :]).to(xp.dtype).to(tl.float32)
+        dpre = tl.where(act > 0.0, acc, 0.0)  # masked rows: acc is 0 there
+        stat_offs = pid_m.to(tl.int64) * C_out + chan
+        tl.store(psum_ptr + stat_offs, tl.sum(dpre * xf, axis=0), mask=n_ok)
+        tl.store(psumsq_ptr + stat_offs, tl.sum(dpre, axis=0), mask=n_ok)
+        out = dpre * ps[None, :]
+    else:
+        if EMIT_STATS:
+            # Rows past M and columns past COUT_G hold exact zeros (their loads
+            # were masked to 0), so they add nothing to the sums.
+            stat_offs = pid_m.to(tl.int64) * C_out + chan
+            tl.store(psum_ptr + stat_offs, tl.sum(acc, axis=0), mask=n_ok)
+            tl.store(psumsq_ptr + stat_offs, tl.sum(acc * acc, axis=0), mask=n_ok)
+
+        out = acc
+        if HAS_SCALE:
+            out = out * tl.load(scale_ptr + chan, mask=n_ok, other=0.0)[None, :]
+        if HAS_SHIFT:
+            out = out + tl.load(shift_ptr + chan, mask=n_ok, other=0.0)[None, :]
+        if HAS_RESIDUAL:
+            out = out + tl.load(res_ptr + tile_base + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+        if RELU:
+            # where(out < 0) rather than maximum: NaN stays NaN, as torch.relu does.
+            out = tl.where(out < 0.0, 0.0, out)
     tl.store(y_ptr + tile_base + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
@@ -226,7 +253,7 @@ def conv2d_fwd_kernel(
         M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         1, 1, 1, 1, 1,
-        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, False, INPUT_PRECISION,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, False, False, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
 
@@ -249,7 +276,7 @@ def conv2d_fwd_shortcut_kernel(
         M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         H2, W2, C2, stride2_h, stride2_w,
-        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, True, False, INPUT_PRECISION,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, True, False, False, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
 
@@ -274,6 +301,31 @@ def conv2d_fwd_prologue_kernel(
         M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         1, 1, 1, 1, 1,
-        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, True, INPUT_PRECISION,
+        KH, KW, MODE, HAS_SCALE, HAS_SHIFT, HAS_RESIDUAL, RELU, EMIT_STATS, False, True, False, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+
+
+@triton.jit
+def conv2d_dgrad_prologue_kernel(
+    dz_ptr, w_ptr, dx_ptr, x_prev_ptr, pre_scale_ptr, pre_shift_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Backward of a stride-1 conv of relu(x_prev * pre_scale + pre_shift)
+    (PROLOGUE_BWD=True): the data gradient as the forward conv of dz with the
+    flipped, transposed weight (launch.prepare_dgrad_weight; here C_in / H, W
+    are dz's channels and size, C_out / OH, OW those of x_prev), and the
+    prologue's ReLU + BN backward in its epilogue, so d(activation) is never
+    written: dx_prev and the per-tile sums for d pre_scale and d pre_shift."""
+    _conv2d_fwd(
+        dz_ptr, w_ptr, dx_ptr, pre_scale_ptr, pre_shift_ptr, x_prev_ptr, psum_ptr, psumsq_ptr, dz_ptr, w_ptr,
+        pre_scale_ptr, pre_shift_ptr,
+        M, H, W, C_in, OH, OW, C_out, CIN_G, COUT_G,
+        1, 1, pad_h, pad_w, dil_h, dil_w,
+        1, 1, 1, 1, 1,
+        KH, KW, MODE, False, False, False, False, False, False, False, True, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )

@@ -103,13 +103,44 @@ def candidates(arch: int, itemsize: int, cout_g: int) -> list[ConvConfig]:
     return out
 
 
-def all_configs(arch: int) -> list[tuple[int, ConvConfig]]:
-    """Every (itemsize, config) that can be launched on the arch family: what
-    the AOT test compiles."""
+# The fused data gradient's epilogue (conv2d_dgrad_prologue_kernel) keeps
+# x_prev's tile, the recomputed activation and two products live beside the
+# accumulator: at 64 fp32 accumulator values per thread (m128n128w8,
+# m64n256w8, m64n128w4) ptxas spilled on sm_90 (tests/test_triton_aot.py),
+# so its tiles hold at most this many per thread.
+DGRAD_MAX_ACC_PER_THREAD = 32
+
+
+def _acc_per_thread(c: ConvConfig) -> int:
+    return c.block_m * c.block_n // (32 * c.num_warps)
+
+
+def dgrad_candidates(arch: int, itemsize: int, cout_g: int) -> list[ConvConfig]:
+    """candidates() for conv2d_dgrad_prologue_kernel (cout_g: the data
+    gradient's output channels per group, i.e. the forward conv's Cin_g),
+    each with its warps doubled where its tile would hold more than
+    DGRAD_MAX_ACC_PER_THREAD accumulator values per thread: the same tiles,
+    spread over more threads."""
+    out = []
+    for c in candidates(arch, itemsize, cout_g):
+        # 16 warps cap a thread at 128 registers: the 16-warp variants of
+        # the 128x128 and 64x256 tiles spilled on sm_90 in bf16, so 8 is the most.
+        while _acc_per_thread(c) > DGRAD_MAX_ACC_PER_THREAD and c.num_warps < 8:
+            c = replace(c, num_warps=c.num_warps * 2)
+        if _acc_per_thread(c) <= DGRAD_MAX_ACC_PER_THREAD and c not in out:
+            out.append(c)
+    return out
+
+
+def all_configs(arch: int, kernel: str = "fwd") -> list[tuple[int, ConvConfig]]:
+    """Every (itemsize, config) that can be launched on the arch family for
+    the forward kernels (kernel="fwd") or the fused data gradient ("dgrad"):
+    what the AOT test compiles."""
+    pick = dgrad_candidates if kernel == "dgrad" else candidates
     out = []
     for itemsize in (2, 4):
         for cout_g in (NARROW_COUT_G, NARROW_COUT_G + 1):
-            for c in candidates(arch, itemsize, cout_g):
+            for c in pick(arch, itemsize, cout_g):
                 if (itemsize, c) not in out:
                     out.append((itemsize, c))
     return out

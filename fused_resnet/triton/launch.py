@@ -17,8 +17,8 @@ import triton
 
 from .. import _conv_args
 from . import autotune_cache, conv_configs
-from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_fwd_kernel,
-                         conv2d_fwd_prologue_kernel, conv2d_fwd_shortcut_kernel)
+from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_dgrad_prologue_kernel,
+                         conv2d_fwd_kernel, conv2d_fwd_prologue_kernel, conv2d_fwd_shortcut_kernel)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,13 +47,18 @@ def _weight_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, kh * kw * cin_g, cout_g).contiguous()
 
 
-def prepare_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Weights as (groups, KH*KW*Cin_g, Cout_g), contiguous, cached per weight
-    tensor. The entry holds the weight itself, so its storage cannot be freed
-    and reused under the same pointer; it is valid while the tensor, its
-    storage and its version counter (bumped by every in-place update, e.g. an
-    optimizer step) are unchanged."""
-    key = (id(weight), groups)
+def _dgrad_weight_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    # The data gradient of a stride-1 conv is a conv of dz with each group's
+    # weight transposed (C_out_g <-> Cin_g) and its taps flipped; laid out
+    # as _weight_layout lays out a forward weight of that shape.
+    c_out, cin_g, kh, kw = weight.shape
+    cout_g = c_out // groups
+    wt = weight.detach().reshape(groups, cout_g, cin_g, kh, kw).transpose(1, 2).flip(3, 4)
+    return _weight_layout(wt.reshape(groups * cin_g, cout_g, kh, kw), groups)
+
+
+def _cached_layout(weight: torch.Tensor, groups: int, kind: str, layout) -> torch.Tensor:
+    key = (id(weight), groups, kind)
     with _weight_lock:
         hit = _weight_cache.get(key)
         if hit is not None:
@@ -61,12 +66,27 @@ def prepare_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
             if src is weight and ptr == weight.data_ptr() and version == weight._version:
                 _weight_cache.move_to_end(key)
                 return prepared
-    prepared = _weight_layout(weight, groups)
+    prepared = layout(weight, groups)
     with _weight_lock:
         _weight_cache[key] = (weight, weight.data_ptr(), weight._version, prepared)
         while len(_weight_cache) > _WEIGHT_CACHE_SIZE:
             _weight_cache.popitem(last=False)
     return prepared
+
+
+def prepare_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weights as (groups, KH*KW*Cin_g, Cout_g), contiguous, cached per weight
+    tensor. The entry holds the weight itself, so its storage cannot be freed
+    and reused under the same pointer; it is valid while the tensor, its
+    storage and its version counter (bumped by every in-place update, e.g. an
+    optimizer step) are unchanged."""
+    return _cached_layout(weight, groups, "fwd", _weight_layout)
+
+
+def prepare_dgrad_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The data-gradient weights (groups, KH*KW*Cout_g, Cin_g) of a stride-1
+    conv: flipped taps, each group transposed; cached as prepare_weight."""
+    return _cached_layout(weight, groups, "dgrad", _dgrad_weight_layout)
 
 
 def clear_weight_cache() -> None:
@@ -123,6 +143,24 @@ def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_c
 
 
 # ---------------------------------------------------------------- launch
+
+
+def _mode(kh, kw, stride, padding, cin_g) -> int:
+    if kh == 1 and kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        return MODE_GEMM
+    if cin_g < FLAT_K_BELOW_CIN_G:
+        return MODE_FLAT
+    return MODE_CBLOCK
+
+
+def _tuned_config(dev, dtype, precision, bucket_args, epilogue, cout_g, run,
+                  pick=conv_configs.candidates) -> conv_configs.ConvConfig:
+    if dev.type != "cuda":
+        return conv_configs.INTERPRETER
+    arch = conv_configs.arch_family(torch.cuda.get_device_capability(dev))
+    bucket = conv_configs.shape_bucket(*bucket_args, epilogue)
+    key = autotune_cache.make_key(arch, str(dtype).replace("torch.", "") + f"-{precision}", bucket, KERNEL_VERSION)
+    return choose_config(key, pick(arch, torch.empty((), dtype=dtype).element_size(), cout_g), run)
 
 
 def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats,
@@ -205,12 +243,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
         x2c = x2.detach().contiguous(memory_format=torch.channels_last)
         w2p = prepare_weight(weight2, 1)  # (1, C2, C_out): row k of the shortcut's B matrix is contiguous
 
-    if kh == 1 and kw == 1 and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
-        mode = MODE_GEMM
-    elif cin_g < FLAT_K_BELOW_CIN_G:
-        mode = MODE_FLAT
-    else:
-        mode = MODE_CBLOCK
+    mode = _mode(kh, kw, (sh, sw), (ph, pw), cin_g)
     precision = _input_precision(x.dtype)
 
     stats_bufs = {}
@@ -254,24 +287,90 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
             )
 
     if config is None:
-        if dev.type != "cuda":
-            config = conv_configs.INTERPRETER
-        else:
-            arch = conv_configs.arch_family(torch.cuda.get_device_capability(dev))
-            epilogue = ("stats" if emit_stats else "") + ("res" if residual is not None else "") or "plain"
-            if shortcut:
-                # The shortcut GEMM's depth and stride change the tile's work
-                # and registers: its own autotune entry.
-                epilogue += f"-sc{c2}s{s2h}x{s2w}"
-            if prologue:
-                epilogue += "-pro"  # the prologue's loads and math per A tile
-            bucket = conv_configs.shape_bucket(m, c_in, c_out, kh, kw, (sh, sw), (dh, dw), groups, epilogue)
-            key = autotune_cache.make_key(arch, str(x.dtype).replace("torch.", "") + f"-{precision}", bucket,
-                                          KERNEL_VERSION)
-            config = choose_config(key, conv_configs.candidates(arch, x.element_size(), cout_g), run)
+        epilogue = ("stats" if emit_stats else "") + ("res" if residual is not None else "") or "plain"
+        if shortcut:
+            # The shortcut GEMM's depth and stride change the tile's work
+            # and registers: its own autotune entry.
+            epilogue += f"-sc{c2}s{s2h}x{s2w}"
+        if prologue:
+            epilogue += "-pro"  # the prologue's loads and math per A tile
+        config = _tuned_config(dev, x.dtype, precision, (m, c_in, c_out, kh, kw, (sh, sw), (dh, dw), groups),
+                               epilogue, cout_g, run)
     run(config)
 
     if emit_stats:
         # Fixed-order reduction of the per-tile partials: deterministic.
         return y, stats_bufs["s"].sum(dim=0), stats_bufs["q"].sum(dim=0)
     return y, torch.empty(0, dtype=torch.float32, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
+
+
+def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dilation, groups,
+                          config: conv_configs.ConvConfig | None = None):
+    """Backward of z = conv2d(relu(x_prev * pre_scale + pre_shift), weight)
+    with stride 1, in one kernel: (dx_prev, d_pre_scale, d_pre_shift) from
+    dz = dL/dz (see reference.conv2d_dgrad_prologue). dx_prev is
+    channels_last in x_prev's dtype; the sums are fp32, reduced from per-tile
+    partials in a fixed order (deterministic). Needs padding <= dilation *
+    (kernel - 1) per dim (true of every ResNet conv)."""
+    if x_prev.dtype not in SUPPORTED_DTYPES or dz.dtype != x_prev.dtype or weight.dtype != x_prev.dtype:
+        raise TypeError(f"conv2d_dgrad_prologue (triton): `dz`, `weight` and `x_prev` must share one dtype of "
+                        f"float16, bfloat16 or float32, got {dz.dtype}, {weight.dtype} and {x_prev.dtype}")
+    ph, pw = _conv_args.pair(padding, "padding", "conv2d_dgrad_prologue")
+    dh, dw = _conv_args.pair(dilation, "dilation", "conv2d_dgrad_prologue")
+    n, c_in, h, w = x_prev.shape
+    c_out, cin_g, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
+        raise ValueError(f"conv2d_dgrad_prologue: `weight` {tuple(weight.shape)} does not match `x_prev` with "
+                         f"{c_in} channels and groups={groups}")
+    oh, ow = _conv_args.out_hw(x_prev.shape, weight.shape, (1, 1), (ph, pw), (dh, dw))
+    if tuple(dz.shape) != (n, c_out, oh, ow):
+        raise ValueError(f"conv2d_dgrad_prologue: `dz` has shape {tuple(dz.shape)}, expected the forward output's "
+                         f"{(n, c_out, oh, ow)}")
+    # The data gradient's own padding; negative would need a cropped conv.
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if qh < 0 or qw < 0:
+        raise ValueError(f"conv2d_dgrad_prologue: padding {(ph, pw)} exceeds dilation * (kernel - 1) = "
+                         f"{(dh * (kh - 1), dw * (kw - 1))}; use the unfused backward")
+    for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
+        if v.numel() != c_in:
+            raise ValueError(f"conv2d_dgrad_prologue: `{what}` must have {c_in} elements (one per channel of "
+                             f"`x_prev`), got {v.numel()}")
+    dev = x_prev.device
+    dx = torch.empty((n, c_in, h, w), dtype=x_prev.dtype, device=dev, memory_format=torch.channels_last)
+    m = n * h * w
+    if m == 0 or c_in == 0 or c_out == 0:
+        if m == 0 or c_out == 0:
+            dx.zero_()
+        zeros = torch.zeros(c_in, dtype=torch.float32, device=dev)
+        return dx, zeros, zeros.clone()
+
+    dzc = dz.detach().contiguous(memory_format=torch.channels_last)
+    xpc = x_prev.detach().contiguous(memory_format=torch.channels_last)
+    wp = prepare_dgrad_weight(weight, groups)
+    psc = pre_scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+    psh = pre_shift.detach().to(device=dev, dtype=torch.float32).contiguous()
+    # The dgrad conv reads dz (C_out channels, cout_g per group) and writes
+    # x_prev's shape (C_in channels, cin_g per group).
+    mode = _mode(kh, kw, (1, 1), (qh, qw), c_out // groups)
+    precision = _input_precision(x_prev.dtype)
+    bufs = {}
+
+    def run(cfg: conv_configs.ConvConfig):
+        num_m_tiles = triton.cdiv(m, cfg.block_m)
+        if bufs.get("tiles") != num_m_tiles:
+            bufs.update(tiles=num_m_tiles, s=torch.empty((num_m_tiles, c_in), dtype=torch.float32, device=dev),
+                        q=torch.empty((num_m_tiles, c_in), dtype=torch.float32, device=dev))
+        grid = (num_m_tiles * triton.cdiv(cin_g, cfg.block_n), groups)
+        conv2d_dgrad_prologue_kernel[grid](
+            dzc, wp, dx, xpc, psc, psh, bufs["s"], bufs["q"],
+            m, oh, ow, c_out, h, w, c_in, c_out // groups, cin_g,
+            qh, qw, dh, dw,
+            KH=kh, KW=kw, MODE=mode, INPUT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+        )
+
+    if config is None:
+        config = _tuned_config(dev, x_prev.dtype, precision, (m, c_out, c_in, kh, kw, (1, 1), (dh, dw), groups),
+                               "dgrad-pro", cin_g, run, pick=conv_configs.dgrad_candidates)
+    run(config)
+    return dx, bufs["s"].sum(dim=0), bufs["q"].sum(dim=0)
