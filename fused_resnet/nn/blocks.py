@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from . import fx_tracing
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -51,6 +52,11 @@ class _FusedBlockMixin:
         return block_paths.block_forward(self, x, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fx_tracing.symbolic_tracing():
+            return fx_tracing.fused_block(self, x)
+        return self._forward_untraced(x)
+
+    def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.resolved_backend(x)
         if backend == "reference":
             return self.reference_forward(x)

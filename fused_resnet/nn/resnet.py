@@ -159,9 +159,17 @@ class ResNet(nn.Module):
         return block_paths.stem_forward(self, x, backend)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        # The pooled stem output goes to _layers in a list it empties, so that
-        # no frame of ours keeps it alive once layer1 has consumed it.
-        x = self._layers([self._pool(self._stem(x))], x)
+        from . import fx_tracing
+
+        if fx_tracing.symbolic_tracing():
+            # torchvision's structure, module by module (nn/fx_tracing.py);
+            # the stem as its eager modules, so its nodes keep their names.
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        else:
+            # The pooled stem output goes to _layers in a list it empties, so
+            # that no frame of ours keeps it alive once layer1 has consumed it.
+            x = self._layers([self._pool(self._stem(x))], x)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from . import fx_tracing
 
 
 def _is_timm_block(m: nn.Module) -> bool:
@@ -50,6 +51,11 @@ class _FusedTimmBlock:
     _backend_choice: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fx_tracing.symbolic_tracing():
+            return fx_tracing.fused_block(self, x)
+        return self._forward_untraced(x)
+
+    def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
         from . import block_paths
 
         backend = _backend.resolve(self._backend_choice, x.device)
