@@ -193,6 +193,35 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
             numerics.assert_close_to_reference(*(b[bname] for b in bufs), what=f"{name}: {bname}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_cuda_training_block_with_prologues_matches_eager(name, dtype, monkeypatch):
+    """The same blocks on a GPU (Triton kernels compiled for it): fused and
+    eager in `dtype` on CUDA, the fp64 reference on the CPU."""
+    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
+    fused, eager, ref, x = _train_block(BLOCKS[name])
+    fused.to("cuda", dtype)
+    eager.to("cuda", dtype).to(memory_format=torch.channels_last)
+    outs, grads_in, gy = [], [], None
+    for m, dev, dt in ((fused, "cuda", dtype), (eager, "cuda", dtype), (ref, "cpu", torch.float64)):
+        xi = x.detach().to(dev, dt).requires_grad_()
+        y = m(xi)
+        if gy is None:
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        y.backward(gy.to(dev, dt))
+        outs.append(y.detach().cpu())
+        grads_in.append(xi.grad.cpu())
+    assert calls["conv2d_fwd_prologue_kernel"] == (2 if BLOCKS[name][0] == "bottleneck" else 1)
+    numerics.assert_close_to_reference(*outs, dtype=dtype, what=f"{name}: y")
+    numerics.assert_close_to_reference(*grads_in, dtype=dtype, kind="grad", what=f"{name}: dx")
+    named = [dict(m.named_parameters()) for m in (fused, eager, ref)]
+    for pname in named[0]:
+        numerics.assert_close_to_reference(*(p[pname].grad.cpu() for p in named), dtype=dtype, kind="grad",
+                                           what=f"{name}: d{pname}")
+
+
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
     run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_CASES)

@@ -98,3 +98,34 @@ def test_op_backward_on_gpu():
     (yr.square().sum() + sr.sum() + 0.01 * qr.sum()).backward()
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-3, atol=2e-3)
+
+
+# Stride-1 ResNet-50 convs: where the training blocks use the BN + ReLU
+# prologue and its fused data gradient (fusions "prologue", "prologue_dgrad").
+PROLOGUE_SHAPES = ["l1_1x1_reduce", "l1_3x3", "l1_1x1_expand", "l3_3x3", "l4_1x1_expand"]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", PROLOGUE_SHAPES)
+def test_prologue_conv_and_its_fused_dgrad(name, dtype):
+    from fused_resnet.triton import launch
+
+    dt = DTYPES[dtype]
+    x, wt, _, _, _, conv = _inputs(name, 32, dt)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ci = x.shape[1]
+    ps = torch.rand(ci, device="cuda", generator=g) + 0.5
+    pt = torch.randn(ci, device="cuda", generator=g) * 0.5
+    p = conv["padding"]
+    y, s, q = launch.conv2d_bn_act(x, wt, None, None, None, False, 1, p, 1, 1, True, pre_scale=ps, pre_shift=pt)
+    eager = reference.conv2d_prologue_bn_act(x, ps, pt, wt, emit_stats=True, **conv)
+    ref = reference.conv2d_prologue_bn_act(x.double(), ps.double(), pt.double(), wt.double(), emit_stats=True,
+                                           **conv)
+    numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{name} {dtype}: prologue y")
+
+    dz = torch.randn(y.shape, device="cuda", generator=g).to(dt).contiguous(memory_format=torch.channels_last)
+    got = launch.conv2d_dgrad_prologue(dz, wt, x, ps, pt, p, 1, 1)
+    eager = reference.conv2d_dgrad_prologue(dz, wt, x, ps, pt, p, 1, 1)
+    ref = reference.conv2d_dgrad_prologue(dz.double(), wt.double(), x.double(), ps.double(), pt.double(), p, 1, 1)
+    for what, a, e, rf in zip(("dx", "d_pre_scale", "d_pre_shift"), got, eager, ref):
+        numerics.assert_close_to_reference(a, e, rf, dtype=dt, kind="grad", what=f"{name} {dtype}: {what}")

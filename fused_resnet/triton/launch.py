@@ -160,7 +160,7 @@ def _tuned_config(dev, dtype, precision, bucket_args, epilogue, cout_g, run,
     arch = conv_configs.arch_family(torch.cuda.get_device_capability(dev))
     bucket = conv_configs.shape_bucket(*bucket_args, epilogue)
     key = autotune_cache.make_key(arch, str(dtype).replace("torch.", "") + f"-{precision}", bucket, KERNEL_VERSION)
-    return choose_config(key, pick(arch, torch.empty((), dtype=dtype).element_size(), cout_g), run)
+    return choose_config(key, pick(arch, dtype.itemsize, cout_g), run)
 
 
 def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats,
