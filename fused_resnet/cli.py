@@ -187,7 +187,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         modes=("inference", "train") if args.mode == "both" else (args.mode,),
         steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
         channels_last=not args.contiguous, providers=names, measure_memory=not args.no_memory,
-        compile_mode=args.compile_mode, relu_saves=args.relu_saves,
+        compile_mode=args.compile_mode, relu_saves=args.relu_saves, interleave=not args.sequential,
     )
     result = run_bench(cfg, progress=not args.quiet)
     if args.roofline:
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, help="warm-up steps, the first call included (default 2 / 5)")
     p.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last for non-eager providers")
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory step")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each provider's steps back to back (default: in rounds, one step of every "
+                        "provider per round, so drift in the machine's speed hits all alike)")
     p.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "max-autotune"), default="auto",
                    help="torch.compile mode for inference (auto: max-autotune on GPU, default on CPU); "
                         "training always uses the default mode")

@@ -196,3 +196,30 @@ def test_info_lists_backends_fusions_and_relu_saves(capsys):
     assert "backends:" in out and "reference" in out
     assert "prologue=on" in out and "shortcut_gemm=" in out
     assert f"relu saves   {fused_resnet.relu_saves()}" in out
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_bench_times_providers_in_rounds_or_back_to_back(interleave):
+    from fused_resnet.bench import runner
+
+    calls = []
+
+    class Step:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at, self.n = name, fail_at, 0
+
+        def call(self):
+            self.n += 1
+            if self.n == self.fail_at:
+                raise RuntimeError("out of memory")
+            calls.append(self.name)
+
+    rows = [runner.Row(mode="train", provider=n, kind="k", backend=None, status="ok") for n in "abc"]
+    cfg = runner.BenchConfig(model="resnet18", batch_size=1, image_size=32, dtype="fp32", device="cpu",
+                             modes=("train",), steps=3, warmup=0, interleave=interleave)
+    steps = [Step("a"), Step("b", fail_at=2), Step("c")]
+    runner._time_rounds(list(zip(rows, steps)), cfg, torch.empty(1), progress=False)
+    # b fails at its second step: it leaves the rounds as an error, the others go on.
+    assert calls == (["a", "b", "c", "a", "c", "a", "c"] if interleave else ["a", "a", "a", "b", "c", "c", "c"])
+    assert [len(r.times_ms) for r in rows] == [3, 0, 3]
+    assert rows[1].status == "error" and "out of memory" in rows[1].reason

@@ -57,6 +57,8 @@ def _header(result: dict) -> str:
             f"{'channels_last' if c['channels_last'] else 'contiguous'} (eager row: contiguous) on "
             f"{e['device_name']} ({e['device']}, {e['cpu_threads']} CPU threads), torch {e['torch']}; "
             f"median of {c['steps']} steps after {c['warmup']} warm-up"
+            + ("; providers timed in rounds (one step each per round)" if c.get("interleave", False)
+               else "; providers timed one after another")
             + (f"; load average {e['load_average_1min']} at start on {e['cpu_count']} cores"
                if e.get("load_average_1min") is not None else ""))
 

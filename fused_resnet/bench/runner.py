@@ -13,7 +13,7 @@ import torch
 
 from .. import numerics
 from . import environment, providers as prov
-from .timing import peak_memory_bytes, time_steps
+from .timing import Timing, peak_memory_bytes, time_steps, timed_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("inference", "train")
@@ -36,6 +36,10 @@ class BenchConfig:
     measure_memory: bool = True
     compile_mode: str = "auto"  # torch.compile mode for inference; auto = max-autotune on GPU
     relu_saves: str | None = None  # fused training's ReLU backward state (None: the current setting)
+    # Timed steps in rounds, one step of every provider per round, so that a
+    # machine whose speed drifts (a shared VM, a GPU's clocks) shifts every
+    # provider alike; False: each provider's steps back to back.
+    interleave: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -122,8 +126,11 @@ def _worst(outs: list[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
     return max(outs, key=lambda o: numerics.max_abs_err(o.float(), ref))
 
 
-def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, eager_out,
-                  own: bool = False) -> tuple[Row, torch.Tensor]:
+def _prepare_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, eager_out,
+                      own: bool = False) -> tuple[Row, torch.Tensor, object, set]:
+    """Build the provider's step, run its first call (timed alone, its output
+    verified) and its warm-up steps: (row, output, step, cuDNN refusals
+    before)."""
     row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok", reason=p.reason)
     refused_before = _cudnn_refusals() if p.backend == "cudnn" else set()
     step = prov.make_step(p, mode, cfg.model, sd, x, y, cfg.torch_dtype, cfg.channels_last, cfg.num_classes,
@@ -144,18 +151,50 @@ def _run_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, 
         v.fused_err, v.mean_err, v.eager_err, v.bound, v.ok)
     if not v.ok:
         row.status = "FAILED"
-    t = time_steps(step.call, x.device, cfg.steps, max(cfg.warmup - 1, 0))
-    row.times_ms = [s * 1e3 for s in t.times_s]
+    time_steps(step.call, x.device, 0, max(cfg.warmup - 1, 0), timed=False)
+    return row, out, step, refused_before
+
+
+def _finish_provider(row: Row, step, refused_before: set, cfg: BenchConfig, x) -> None:
+    """Statistics of the timed steps, the (untimed) peak-memory step and the
+    cuDNN refusals of this row."""
+    t = Timing(times_s=[ms / 1e3 for ms in row.times_ms])
     row.median_ms = t.median_s * 1e3
     row.p50_ms, row.p90_ms = t.p50_ms, t.p90_ms
     row.images_per_s = cfg.batch_size / t.median_s
     if cfg.measure_memory:
         peak = peak_memory_bytes(step.call, x.device)
         row.peak_mem_mib = None if peak is None else peak / 2**20
-    if p.backend == "cudnn":
+    if row.backend == "cudnn":
         row.fallbacks = sorted(f"{k}\t{why}" for k, why in _cudnn_refusals() - refused_before)
-    del step
-    return row, out
+
+
+def _time_rounds(prepared: list[tuple[Row, object]], cfg: BenchConfig, x, progress: bool) -> None:
+    """cfg.steps timed steps per provider, in rounds (cfg.interleave) or
+    back to back; each provider's times go to its row. A provider whose step
+    raises is marked as an error and leaves the rounds."""
+    active = list(prepared)
+
+    def run(entry, steps: int) -> None:
+        row, step = entry
+        try:
+            for _ in range(steps):
+                dt, _ = timed_call(step.call, x.device)
+                row.times_ms.append(dt * 1e3)
+        except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
+            row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            row.times_ms = []
+            active.remove(entry)
+            if progress:
+                traceback.print_exc(file=sys.stderr)
+
+    if cfg.interleave:
+        for _ in range(cfg.steps):
+            for entry in list(active):
+                run(entry, 1)
+    else:
+        for entry in list(active):
+            run(entry, cfg.steps)
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -196,26 +235,43 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
             eager_outs: list[torch.Tensor] = [] if "eager" in [p.name for p in runnable] else [eager_logits()]
             bar.advance()
             order = {"eager": 0, "channels_last": 1}
+            # Every provider is built, verified and warmed first; then all
+            # are timed together (see BenchConfig.interleave).
+            mode_rows: list[Row] = []
+            prepared: list[tuple[Row, object, set]] = []
             for p in sorted(runnable, key=lambda p: order.get(p.name, 2)):
                 bar.start(f"{mode}: {p.name}")
                 if p.name != "eager" and not eager_outs:  # the eager row failed: judge by a plain eager step
                     eager_outs.append(eager_logits())
                 try:
                     if p.name == "eager":
-                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, None)
+                        row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref, None)
                         eager_outs.append(out)
                     elif p.name == "channels_last":
-                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, _worst(eager_outs, ref), own=True)
+                        row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref,
+                                                                    _worst(eager_outs, ref), own=True)
                         eager_outs.append(out)
                     else:
-                        row, out = _run_provider(p, mode, cfg, sd, x, y, ref, _worst(eager_outs, ref))
+                        row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref,
+                                                                    _worst(eager_outs, ref))
+                    prepared.append((row, step, refused))
                 except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="error", reason=msg)
+                    row = _error_row(p, mode, exc, progress)
+                mode_rows.append(row)
+                bar.advance()
+            bar.start(f"{mode}: timing {len(prepared)} providers" + (" in rounds" if cfg.interleave else ""))
+            _time_rounds([(row, step) for row, step, _ in prepared], cfg, x, progress)
+            for row, step, refused in prepared:
+                if row.status == "error":
+                    continue
+                try:
+                    _finish_provider(row, step, refused, cfg, x)
+                except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
+                    row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     if progress:
                         traceback.print_exc(file=sys.stderr)
-                rows.append(row)
-                bar.advance()
+            prepared.clear()
+            rows.extend(mode_rows)
             for p in plist:
                 if not p.available:
                     rows.append(Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend,
@@ -232,6 +288,13 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
         "providers": [p.to_dict() for p in plist],
         "results": [asdict(r) for r in rows],
     }
+
+
+def _error_row(p: prov.Provider, mode: str, exc: Exception, progress: bool) -> Row:
+    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    if progress:
+        traceback.print_exc(file=sys.stderr)
+    return Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="error", reason=msg)
 
 
 def _fill_ratios(rows: list[Row]) -> None:
