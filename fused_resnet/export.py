@@ -51,6 +51,7 @@ _DEFINITIONS: dict[str, Callable[..., Any]] = {
     "conv2d_bn_act": _conv2d_bn_act,
     "conv2d_bias_act_shortcut": reference.conv2d_bias_act_shortcut,
     "conv2d_prologue_bn_act": reference.conv2d_prologue_bn_act,
+    "conv2d_dgrad_prologue": reference.conv2d_dgrad_prologue,
 }
 
 

@@ -193,6 +193,30 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
             numerics.assert_close_to_reference(*(b[bname] for b in bufs), what=f"{name}: {bname}")
 
 
+def test_interp_compiled_training_block_traces_the_fused_backward(monkeypatch):
+    """torch.compile traces the prologue op's backward with fake tensors: the
+    fused data gradient must be an op there (with a fake kernel), not a
+    Triton launch. aot_eager traces forward and backward as inductor would."""
+    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
+    fused, eager, ref, x = _train_block(BLOCKS["bottleneck-id"])
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    outs, grads_in = [], []
+    for m in (compiled, eager, ref):
+        xi = x.detach().to(next(ref.parameters()).dtype if m is ref else torch.float32).requires_grad_()
+        y = m(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype))
+        outs.append(y)
+        grads_in.append(xi.grad)
+    assert calls["conv2d_fwd_prologue_kernel"] == 2 and calls["conv2d_dgrad_prologue_kernel"] == 2
+    numerics.assert_close_to_reference(*outs, what="compiled: y")
+    numerics.assert_close_to_reference(*grads_in, kind="grad", what="compiled: dx")
+    named = [dict(m.named_parameters()) for m in (fused, eager, ref)]
+    for pname in named[0]:
+        numerics.assert_close_to_reference(*(p[pname].grad for p in named), kind="grad", what=f"compiled: d{pname}")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(BLOCKS))
@@ -225,7 +249,7 @@ def test_cuda_training_block_with_prologues_matches_eager(name, dtype, monkeypat
 def test_interpreter_suite(tmp_path):
     """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
     run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_CASES)
-                     + len(DGRAD_SHAPES) * len(DTYPES) + len(BLOCKS))
+                     + len(DGRAD_SHAPES) * len(DTYPES) + len(BLOCKS) + 1)
 
 
 def test_prologue_switch_defaults_off_and_is_listed():
@@ -291,6 +315,23 @@ def test_opcheck():
     args = (x, ps, pt, wt, sc, sf, r, True, [1, 1], [1, 1], [1, 1], 1, True)
     torch.library.opcheck(torch.ops.fused_resnet.conv2d_prologue_bn_act.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks the path taken without the interpreter")
+def test_dgrad_op_opcheck_and_reference_path():
+    """fused_resnet::conv2d_dgrad_prologue without Triton: the reference,
+    channels_last dx; schema and fake kernel by opcheck (no autograd: it is
+    a gradient)."""
+    x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES["grouped_cin4"], torch.float32)
+    dz = torch.randn(r.shape)
+    args = (dz, wt, x, ps, pt, [1, 1], [1, 1], conv["groups"])
+    torch.library.opcheck(torch.ops.fused_resnet.conv2d_dgrad_prologue.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    got = fused_resnet.ops.conv2d_dgrad_prologue(dz, wt, x, ps, pt, 1, 1, conv["groups"])
+    want = reference.conv2d_dgrad_prologue(dz, wt, x, ps, pt, 1, 1, conv["groups"])
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_bad_arguments_name_the_argument():

@@ -15,6 +15,7 @@ from .bn_backward_reduce import bn_backward_reduce
 from .bn_finalize import bn_finalize
 from .bn_stats import bn_stats
 from .conv2d_bn_act import conv2d_bias_act_shortcut, conv2d_bn_act
+from .conv2d_dgrad_prologue import conv2d_dgrad_prologue
 from .conv2d_prologue_bn_act import conv2d_prologue_bn_act
 from .max_pool2d import max_pool2d
 from .relu_mask import relu_mask
@@ -33,6 +34,7 @@ __all__ = [
     "bn_stats",
     "conv2d_bn_act",
     "conv2d_bias_act_shortcut",
+    "conv2d_dgrad_prologue",
     "conv2d_prologue_bn_act",
     "max_pool2d",
     "relu_mask",

@@ -14,7 +14,7 @@ conv would give them.
 Backward: with the fusion switch prologue_dgrad (on by default) and a
 stride-1 conv on the Triton kernel, the data gradient runs as one kernel
 with the prologue's ReLU + BN backward in its epilogue
-(launch.conv2d_dgrad_prologue): d(activation) is never written, and the
+(op fused_resnet::conv2d_dgrad_prologue): d(activation) is never written, and the
 activation is recomputed only for the weight gradient (aten). Otherwise
 aten's data gradient, then the ReLU + BN backward elementwise.
 
@@ -106,11 +106,11 @@ def _backward(ctx, gy, gsum, gsumsq):
     dz, d_scale, d_shift, d_residual = epilogue_grad_z(ctx, a if a is not None else x, weight, scale, y, gy, gsum,
                                                        gsumsq, (need_scale, need_shift, need_res))
     dz = dz.to(x.dtype)
-    from ..triton import launch
+    from .conv2d_dgrad_prologue import conv2d_dgrad_prologue
 
     _, padding, dilation, groups = ctx.conv_args
-    dx, d_pre_scale, d_pre_shift = launch.conv2d_dgrad_prologue(dz, weight.detach(), x.detach(), pre_scale,
-                                                                pre_shift, padding, dilation, groups)
+    dx, d_pre_scale, d_pre_shift = conv2d_dgrad_prologue(dz, weight.detach(), x.detach(), pre_scale.detach(),
+                                                         pre_shift.detach(), padding, dilation, groups)
     dw = None
     if need_w:
         stride = ctx.conv_args[0]
