@@ -93,6 +93,54 @@ def run_timed(benchmark, fn, device: torch.device, rounds: int | None = None, wa
     return benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
 
+# (test id, ratio name, median ratio, rounds) of every side_by_side
+# measurement, printed at the end of the session.
+SIDE_BY_SIDE: list[tuple[str, str, float, int]] = []
+
+
+def side_by_side_ratio(base, new, device: torch.device, rounds: int = 20, warmup: int = 2) -> float:
+    """median(base time) / median(new time) with the two called in
+    alternation (base, new, base, new, ...): a drift in the machine's speed
+    hits both alike, which separate pytest-benchmark runs minutes apart do
+    not (on a shared VM their ratio can swing 2x). > 1 means `new` is faster."""
+    import statistics
+
+    from fused_resnet.bench.timing import timed_call
+
+    for _ in range(warmup):
+        base()
+        new()
+        synchronize(device)
+    tb, tn = [], []
+    for _ in range(rounds):
+        tb.append(timed_call(base, device)[0])
+        tn.append(timed_call(new, device)[0])
+    return statistics.median(tb) / statistics.median(tn)
+
+
+@pytest.fixture
+def side_by_side(request, benchmark):
+    """side_by_side_ratio, recorded in benchmark.extra_info[name] and in the
+    session summary: side_by_side(name, base_fn, new_fn, device, rounds=20)."""
+
+    def measure(name, base, new, device, rounds: int = 20) -> float:
+        ratio = side_by_side_ratio(base, new, device, rounds)
+        benchmark.extra_info[name] = round(ratio, 3)
+        SIDE_BY_SIDE.append((request.node.name, name, ratio, rounds))
+        return ratio
+
+    return measure
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not SIDE_BY_SIDE:
+        return
+    terminalreporter.section("side by side (the two called in alternation; median ratio)")
+    width = max(len(t) for t, _, _, _ in SIDE_BY_SIDE)
+    for test, name, ratio, rounds in SIDE_BY_SIDE:
+        terminalreporter.write_line(f"{test:<{width}}  {name} = {ratio:.2f}  ({rounds} rounds)")
+
+
 @pytest.fixture
 def timed():
     return run_timed

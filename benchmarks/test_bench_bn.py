@@ -60,16 +60,16 @@ def _bytes(z, backward):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("C,H", STAGES, ids=[f"{c}x{h}x{h}" for c, h in STAGES])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_bn_add_relu(benchmark, timed, provider, C, H, backward):
+def test_bn_add_relu(benchmark, timed, side_by_side, provider, C, H, backward):
     old = fused_resnet.relu_saves()
     fused_resnet.set_relu_saves("mask" if provider == "fused-mask" else "output")
     try:
-        _measure(benchmark, timed, provider, C, H, backward)
+        _measure(benchmark, timed, side_by_side, provider, C, H, backward)
     finally:
         fused_resnet.set_relu_saves(old)
 
 
-def _measure(benchmark, timed, provider, C, H, backward):
+def _measure(benchmark, timed, side_by_side, provider, C, H, backward):
     z, r, w, b = _state(C, H, DEVICE, DTYPE)
     fn = _eager if provider == "eager" else _fused
 
@@ -94,23 +94,32 @@ def _measure(benchmark, timed, provider, C, H, backward):
         numerics.assert_close_to_reference(zz.grad, ze.grad, zr.grad, dtype=DTYPE, kind="grad",
                                            what=f"{provider} dz")
 
-    zt = z.detach().requires_grad_(backward)
-    rt = r.detach().requires_grad_(backward)
-    wt, bt = w.detach().requires_grad_(backward), b.detach().requires_grad_(backward)
-    st = args()
     g = torch.randn_like(z)
 
-    def step():
-        if backward:
-            out = fn(zt, wt, bt, *st, rt)
-            out.backward(g)
-            return out
-        with torch.no_grad():
-            return fn(zt, wt, bt, *st, rt)
+    def make_step(f):
+        # Each side its own leaves and running statistics.
+        zt = z.detach().clone().requires_grad_(backward)
+        rt = r.detach().clone().requires_grad_(backward)
+        wt, bt = w.detach().clone().requires_grad_(backward), b.detach().clone().requires_grad_(backward)
+        st = args()
 
+        def step():
+            if backward:
+                out = f(zt, wt, bt, *st, rt)
+                out.backward(g)
+                return out
+            with torch.no_grad():
+                return f(zt, wt, bt, *st, rt)
+
+        return step
+
+    step = make_step(fn)
     # CPU: enough rounds that the median is not one of the calls that fault
     # fresh pages in (the allocator returns big blocks to the OS between calls).
     timed(benchmark, step, DEVICE, rounds=20, warmup_rounds=3)
+    if provider != "eager":
+        # The ratio that answers "faster than eager?": both in alternation.
+        side_by_side("eager/fused", make_step(_eager), step, DEVICE)
     if benchmark.stats is not None:
         secs = benchmark.stats.stats.median
         benchmark.extra_info["GB/s (fused minimum bytes)"] = round(_bytes(z, backward) / secs / 1e9, 1)
