@@ -27,6 +27,24 @@ def out_hw(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
     return oh, ow
 
 
+def check_groups(c_in: int, weight_shape, groups: int, op: str, x_name: str = "x") -> None:
+    """`weight` (C_out, C_in / groups, KH, KW) must fit an input `x_name` of
+    c_in channels with `groups` groups; ValueError naming `op` otherwise."""
+    c_out, cin_g = weight_shape[0], weight_shape[1]
+    if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
+        raise ValueError(f"{op}: `weight` {tuple(weight_shape)} does not match `{x_name}` with {c_in} channels "
+                         f"and groups={groups} (expected ({c_out}, {c_in // max(groups, 1)}, KH, KW) with "
+                         f"channels divisible by groups)")
+
+
+def check_channel_vectors(vectors: dict, count: int, per: str, op: str) -> None:
+    """Every tensor of `vectors` (name -> tensor or None) has `count`
+    elements, one per `per`; ValueError naming `op` and the argument."""
+    for what, v in vectors.items():
+        if v is not None and v.numel() != count:
+            raise ValueError(f"{op}: `{what}` must have {count} elements (one per {per}), got {v.numel()}")
+
+
 def check_shortcut(x, x2, weight2, stride2, out_shape, op: str) -> tuple[int, int]:
     """Validate a projection shortcut conv1x1(x2, weight2, stride2, no
     padding, one group) whose result is added to an output of `out_shape`

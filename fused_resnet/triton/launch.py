@@ -188,10 +188,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
     dh, dw = _conv_args.pair(dilation, "dilation", "conv2d_bn_act")
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
-    if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
-        raise ValueError(f"conv2d_bn_act: `weight` {tuple(weight.shape)} does not match `x` with {c_in} channels "
-                         f"and groups={groups} (expected ({c_out}, {c_in // max(groups, 1)}, KH, KW) with "
-                         f"channels divisible by groups)")
+    _conv_args.check_groups(c_in, weight.shape, groups, "conv2d_bn_act")
     cout_g = c_out // groups
     oh, ow = _conv_args.out_hw(x.shape, weight.shape, (sh, sw), (ph, pw), (dh, dw))
     if oh <= 0 or ow <= 0:
@@ -199,9 +196,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
     dev = x.device
     y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=dev, memory_format=torch.channels_last)
     m = n * oh * ow
-    for what, v in (("scale", scale), ("shift", shift)):
-        if v is not None and v.numel() != c_out:
-            raise ValueError(f"conv2d_bn_act: `{what}` must have {c_out} elements (one per output channel), got {v.numel()}")
+    _conv_args.check_channel_vectors({"scale": scale, "shift": shift}, c_out, "output channel", "conv2d_bn_act")
     if residual is not None and tuple(residual.shape) != tuple(y.shape):
         raise ValueError(f"conv2d_bn_act: `residual` has shape {tuple(residual.shape)}, expected the output's {tuple(y.shape)}")
 
@@ -221,10 +216,8 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
             raise ValueError("conv2d_bn_act: the prologue needs both `pre_scale` and `pre_shift` (or neither)")
         if shortcut:
             raise ValueError("conv2d_bn_act: the BN prologue and the shortcut GEMM cannot be combined")
-        for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
-            if v.numel() != c_in:
-                raise ValueError(f"conv2d_bn_act: `{what}` must have {c_in} elements (one per input channel), "
-                                 f"got {v.numel()}")
+        _conv_args.check_channel_vectors({"pre_scale": pre_scale, "pre_shift": pre_shift}, c_in, "input channel",
+                                         "conv2d_bn_act")
 
     if m == 0 or c_out == 0:
         z = torch.zeros(c_out, dtype=torch.float32, device=dev)
@@ -319,9 +312,7 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dil
     dh, dw = _conv_args.pair(dilation, "dilation", "conv2d_dgrad_prologue")
     n, c_in, h, w = x_prev.shape
     c_out, cin_g, kh, kw = weight.shape
-    if groups < 1 or c_in % groups or c_out % groups or cin_g != c_in // groups:
-        raise ValueError(f"conv2d_dgrad_prologue: `weight` {tuple(weight.shape)} does not match `x_prev` with "
-                         f"{c_in} channels and groups={groups}")
+    _conv_args.check_groups(c_in, weight.shape, groups, "conv2d_dgrad_prologue", "x_prev")
     oh, ow = _conv_args.out_hw(x_prev.shape, weight.shape, (1, 1), (ph, pw), (dh, dw))
     if tuple(dz.shape) != (n, c_out, oh, ow):
         raise ValueError(f"conv2d_dgrad_prologue: `dz` has shape {tuple(dz.shape)}, expected the forward output's "
@@ -331,16 +322,13 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dil
     if qh < 0 or qw < 0:
         raise ValueError(f"conv2d_dgrad_prologue: padding {(ph, pw)} exceeds dilation * (kernel - 1) = "
                          f"{(dh * (kh - 1), dw * (kw - 1))}; use the unfused backward")
-    for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
-        if v.numel() != c_in:
-            raise ValueError(f"conv2d_dgrad_prologue: `{what}` must have {c_in} elements (one per channel of "
-                             f"`x_prev`), got {v.numel()}")
+    _conv_args.check_channel_vectors({"pre_scale": pre_scale, "pre_shift": pre_shift}, c_in, "channel of `x_prev`",
+                                     "conv2d_dgrad_prologue")
     dev = x_prev.device
     dx = torch.empty((n, c_in, h, w), dtype=x_prev.dtype, device=dev, memory_format=torch.channels_last)
     m = n * h * w
     if m == 0 or c_in == 0 or c_out == 0:
-        if m == 0 or c_out == 0:
-            dx.zero_()
+        dx.zero_()  # nothing flows back (or dx is empty)
         zeros = torch.zeros(c_in, dtype=torch.float32, device=dev)
         return dx, zeros, zeros.clone()
 
