@@ -142,6 +142,22 @@ def epilogue_backward(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
     return dx, dw, d_scale, d_shift, d_residual
 
 
+def _needs_z(ctx, gsum, gsumsq, need_scale) -> bool:
+    # The raw conv output z enters the statistics' and the scale's gradients.
+    return (ctx.emit_stats and (gsum is not None or gsumsq is not None)) or (ctx.has_scale and need_scale)
+
+
+def _saved_z(ctx, y) -> bool:
+    # The saved output is z itself (no epilogue; see save_epilogue_context).
+    return ctx.y_is_z and y is not None
+
+
+def recomputes_z(ctx, y, gsum, gsumsq, need_scale: bool) -> bool:
+    """Whether epilogue_grad_z recomputes z with a second conv of its input:
+    z is needed and the saved output y is not z itself."""
+    return _needs_z(ctx, gsum, gsumsq, need_scale) and not _saved_z(ctx, y)
+
+
 def epilogue_grad_z(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
     """The epilogue's half of epilogue_backward: (dz, dscale, dshift,
     dresidual), dz = dL/d(raw conv output) in op-math precision; needs:
@@ -160,14 +176,10 @@ def epilogue_grad_z(ctx, x, weight, scale, y, gy, gsum, gsumsq, needs):
     d_residual = g.to(res_dtype) if has_residual and needs[2] else None
     d_shift = g.sum(dim=(0, 2, 3)).to(shift_dtype) if has_shift and needs[1] else None
 
-    stats_used = emit_stats and (gsum is not None or gsumsq is not None)
-    need_z = stats_used or (has_scale and needs[0])
     z = None
-    if need_z:
-        if ctx.y_is_z and y is not None:
-            z = y.to(acc)
-        else:
-            z = F.conv2d(x.detach(), weight.detach(), None, stride, padding, dilation, groups).to(acc)
+    if _needs_z(ctx, gsum, gsumsq, needs[0]):
+        z = y.to(acc) if _saved_z(ctx, y) else F.conv2d(x.detach(), weight.detach(), None, stride, padding,
+                                                        dilation, groups).to(acc)
     d_scale = (g * z).sum(dim=(0, 2, 3)).to(scale.dtype) if has_scale and needs[0] else None
 
     dz = g * _per_channel(scale.to(acc)) if has_scale else g

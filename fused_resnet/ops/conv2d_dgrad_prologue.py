@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from .. import _conv_args
 from . import reference
 from .conv2d_bn_act import _triton_runs
 
@@ -55,6 +56,6 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dil
     pre_scale + pre_shift), weight) with stride 1, given dz = dL/dz: one
     Triton kernel where it runs (d(activation) never written), else the
     reference. padding and dilation: ints or pairs."""
-    pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]  # noqa: E731
-    return torch.ops.fused_resnet.conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, pair(padding),
-                                                        pair(dilation), int(groups))
+    return torch.ops.fused_resnet.conv2d_dgrad_prologue(
+        dz, weight, x_prev, pre_scale, pre_shift, _conv_args.pair(padding, "padding", "conv2d_dgrad_prologue"),
+        _conv_args.pair(dilation, "dilation", "conv2d_dgrad_prologue"), int(groups))

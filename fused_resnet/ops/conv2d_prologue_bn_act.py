@@ -32,9 +32,8 @@ import torch
 
 from .. import fusions
 from . import reference
-from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _per_channel, _triton_runs,
-                            _use_triton_op, epilogue_backward, epilogue_grad_z, save_epilogue_context,
-                            saves_output)
+from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _triton_runs, _use_triton_op,
+                            epilogue_backward, epilogue_grad_z, recomputes_z, save_epilogue_context, saves_output)
 
 _OP = "fused_resnet::conv2d_prologue_bn_act"
 
@@ -99,10 +98,8 @@ def _backward(ctx, gy, gsum, gsumsq):
 
     # The activation is recomputed only where still needed: the weight
     # gradient (aten) and a z that was not saved.
-    z_recomputed = not (ctx.y_is_z and y is not None) and (
-        (ctx.emit_stats and (gsum is not None or gsumsq is not None)) or (ctx.has_scale and need_scale))
     a = (reference.bn_relu_prologue(x.detach(), pre_scale.detach(), pre_shift.detach())
-         if need_w or z_recomputed else None)
+         if need_w or recomputes_z(ctx, y, gsum, gsumsq, need_scale) else None)
     dz, d_scale, d_shift, d_residual = epilogue_grad_z(ctx, a if a is not None else x, weight, scale, y, gy, gsum,
                                                        gsumsq, (need_scale, need_shift, need_res))
     dz = dz.to(x.dtype)
@@ -116,9 +113,8 @@ def _backward(ctx, gy, gsum, gsumsq):
         stride = ctx.conv_args[0]
         _, dw, _ = torch.ops.aten.convolution_backward(
             dz, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False])
-    return (dx if need_x else None, d_pre_scale.to(pre_scale.dtype) if need_ps else None,
-            d_pre_shift.to(pre_shift.dtype) if need_pt else None, dw, d_scale, d_shift, d_residual,
-            None, None, None, None, None, None)
+    return _prologue_grads(ctx, pre_scale, pre_shift, dx, d_pre_scale, d_pre_shift) + (
+        dw, d_scale, d_shift, d_residual, None, None, None, None, None, None)
 
 
 def _backward_unfused(ctx, x, pre_scale, pre_shift, weight, scale, y, gy, gsum, gsumsq):
@@ -129,17 +125,17 @@ def _backward_unfused(ctx, x, pre_scale, pre_shift, weight, scale, y, gy, gsum, 
                                                              (need_a, need_w, need_scale, need_shift, need_res))
     dx = d_pre_scale = d_pre_shift = None
     if need_a and da is not None:
-        acc = reference.stat_dtype(x.dtype)
-        # ReLU's backward from its (rounded) output, as eager's: a > 0.
-        dpre = torch.where(a > 0, da.to(acc), torch.zeros((), dtype=acc, device=da.device))
-        if need_x:
-            dx = (dpre * _per_channel(pre_scale.to(acc))).to(x.dtype)
-        if need_ps:
-            d_pre_scale = (dpre * x.to(acc)).sum(dim=(0, 2, 3)).to(pre_scale.dtype)
-        if need_pt:
-            d_pre_shift = dpre.sum(dim=(0, 2, 3)).to(pre_shift.dtype)
-    return (dx, d_pre_scale, d_pre_shift, dw, d_scale, d_shift, d_residual,
-            None, None, None, None, None, None)
+        dx, d_pre_scale, d_pre_shift = reference.bn_relu_prologue_backward(da, x, pre_scale, a)
+    return _prologue_grads(ctx, pre_scale, pre_shift, dx, d_pre_scale, d_pre_shift) + (
+        dw, d_scale, d_shift, d_residual, None, None, None, None, None, None)
+
+
+def _prologue_grads(ctx, pre_scale, pre_shift, dx, d_pre_scale, d_pre_shift):
+    """The gradients of (x, pre_scale, pre_shift) as autograd wants them:
+    None where not needed, the scale/shift sums in their parameters' dtype."""
+    need_x, need_ps, need_pt = ctx.needs_input_grad[:3]
+    return (dx if need_x else None, d_pre_scale.to(pre_scale.dtype) if need_ps else None,
+            d_pre_shift.to(pre_shift.dtype) if need_pt else None)
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -358,10 +358,20 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding=0, d
     acc = stat_dtype(x_prev.dtype)
     a = bn_relu_prologue(x_prev, pre_scale, pre_shift)
     da = torch.nn.grad.conv2d_input(tuple(x_prev.shape), weight.to(acc), dz.to(acc), 1, padding, dilation, groups)
-    dpre = torch.where(a > 0, da, torch.zeros((), dtype=acc, device=da.device))
-    dx = (dpre * _per_channel(pre_scale.to(acc), x_prev.dim())).to(x_prev.dtype)
-    dims = [0] + list(range(2, x_prev.dim()))
-    return dx, (dpre * x_prev.to(acc)).sum(dim=dims).to(torch.float32), dpre.sum(dim=dims).to(torch.float32)
+    dx, d_pre_scale, d_pre_shift = bn_relu_prologue_backward(da, x_prev, pre_scale, a)
+    return dx, d_pre_scale.to(torch.float32), d_pre_shift.to(torch.float32)
+
+
+def bn_relu_prologue_backward(da, x, pre_scale, a):
+    """Backward of a = bn_relu_prologue(x, pre_scale, pre_shift) given da =
+    dL/da: (dx in x's dtype, d_pre_scale, d_pre_shift) with the per-channel
+    sums in op-math precision. ReLU's backward from its (rounded) output, as
+    eager's: a > 0."""
+    acc = stat_dtype(x.dtype)
+    dpre = torch.where(a > 0, da.to(acc), torch.zeros((), dtype=acc, device=da.device))
+    dx = (dpre * _per_channel(pre_scale.to(acc), x.dim())).to(x.dtype)
+    dims = [0] + list(range(2, x.dim()))
+    return dx, (dpre * x.to(acc)).sum(dim=dims), dpre.sum(dim=dims)
 
 
 def conv2d_bias_act_shortcut(
