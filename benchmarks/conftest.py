@@ -13,12 +13,14 @@ cannot run here are skipped with the reason (fused_backend_params).
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
 from fused_resnet import numerics
 from fused_resnet.bench.providers import fused_backend_params  # noqa: F401 - re-exported for benchmark files
-from fused_resnet.bench.timing import synchronize
+from fused_resnet.bench.timing import synchronize, timed_call
 
 # References without TF32, as in tests/ (../DESIGN.md, numerics policy).
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -103,10 +105,6 @@ def side_by_side_ratio(base, new, device: torch.device, rounds: int = 20, warmup
     alternation (base, new, base, new, ...): a drift in the machine's speed
     hits both alike, which separate pytest-benchmark runs minutes apart do
     not (on a shared VM their ratio can swing 2x). > 1 means `new` is faster."""
-    import statistics
-
-    from fused_resnet.bench.timing import timed_call
-
     for _ in range(warmup):
         base()
         new()

@@ -13,7 +13,7 @@ import torch
 
 from .. import numerics
 from . import environment, providers as prov
-from .timing import Timing, peak_memory_bytes, time_steps, timed_call
+from .timing import Timing, peak_memory_bytes, synchronize, timed_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("inference", "train")
@@ -151,7 +151,9 @@ def _prepare_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, r
         v.fused_err, v.mean_err, v.eager_err, v.bound, v.ok)
     if not v.ok:
         row.status = "FAILED"
-    time_steps(step.call, x.device, 0, max(cfg.warmup - 1, 0), timed=False)
+    for _ in range(max(cfg.warmup - 1, 0)):
+        step.call()
+        synchronize(x.device)
     return row, out, step, refused_before
 
 
@@ -182,11 +184,9 @@ def _time_rounds(prepared: list[tuple[Row, object]], cfg: BenchConfig, x, progre
                 dt, _ = timed_call(step.call, x.device)
                 row.times_ms.append(dt * 1e3)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-            row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            _mark_error(row, exc, progress)
             row.times_ms = []
             active.remove(entry)
-            if progress:
-                traceback.print_exc(file=sys.stderr)
 
     if cfg.interleave:
         for _ in range(cfg.steps):
@@ -256,7 +256,8 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
                                                                     _worst(eager_outs, ref))
                     prepared.append((row, step, refused))
                 except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-                    row = _error_row(p, mode, exc, progress)
+                    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok")
+                    _mark_error(row, exc, progress)
                 mode_rows.append(row)
                 bar.advance()
             bar.start(f"{mode}: timing {len(prepared)} providers" + (" in rounds" if cfg.interleave else ""))
@@ -267,9 +268,7 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
                 try:
                     _finish_provider(row, step, refused, cfg, x)
                 except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-                    row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                    if progress:
-                        traceback.print_exc(file=sys.stderr)
+                    _mark_error(row, exc, progress)
             prepared.clear()
             rows.extend(mode_rows)
             for p in plist:
@@ -290,11 +289,12 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
     }
 
 
-def _error_row(p: prov.Provider, mode: str, exc: Exception, progress: bool) -> Row:
-    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+def _mark_error(row: Row, exc: Exception, progress: bool) -> None:
+    """The row's provider raised: status "error", the exception's first line
+    as the reason (the traceback on stderr with progress on)."""
+    row.status, row.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     if progress:
         traceback.print_exc(file=sys.stderr)
-    return Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="error", reason=msg)
 
 
 def _fill_ratios(rows: list[Row]) -> None:

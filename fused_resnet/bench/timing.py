@@ -73,10 +73,9 @@ class Timing:
 
 
 def time_steps(fn: Callable[[], object], device, steps: int, warmup: int,
-               on_step: Callable[[], None] | None = None, timed: bool = True) -> Timing:
-    """Run fn `warmup` times untimed, then `steps` times timed (timed=False:
-    the warm-up only, steps may be 0)."""
-    if steps < 1 and timed:
+               on_step: Callable[[], None] | None = None) -> Timing:
+    """Run fn `warmup` times untimed, then `steps` times timed."""
+    if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     for _ in range(warmup):
         fn()
