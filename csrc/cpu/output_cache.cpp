@@ -11,10 +11,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <vector>
 
 namespace fused_resnet {
@@ -74,12 +74,14 @@ class OutputCache final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
-  void set_limit(int64_t bytes) {
+  // Returns the previous limit.
+  int64_t set_limit(int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "fused_resnet.set_cpu_cache_limit: `bytes` must be >= 0, got ", bytes);
     std::vector<Block*> drop;
+    size_t previous;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      limit_ = static_cast<size_t>(bytes);
+      previous = limit_.exchange(static_cast<size_t>(bytes));
       // Drop the largest blocks first until the cache fits.
       while (cached_bytes_ > limit_ && !free_.empty()) {
         auto it = std::prev(free_.end());
@@ -89,6 +91,7 @@ class OutputCache final : public c10::Allocator {
       }
     }
     for (Block* b : drop) destroy(b);
+    return static_cast<int64_t>(previous);
   }
 
   void clear() {
@@ -103,7 +106,7 @@ class OutputCache final : public c10::Allocator {
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {static_cast<int64_t>(limit_), static_cast<int64_t>(cached_bytes_),
+    return {static_cast<int64_t>(limit_.load()), static_cast<int64_t>(cached_bytes_),
             static_cast<int64_t>(free_.size()), hits_, misses_, evictions_};
   }
 
@@ -112,10 +115,9 @@ class OutputCache final : public c10::Allocator {
     hits_ = misses_ = evictions_ = 0;
   }
 
-  size_t limit() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return limit_;
-  }
+  // Read on every large output allocation: no lock (a racing set_limit may
+  // or may not be seen by that one allocation, as with any later call).
+  size_t limit() const { return limit_.load(std::memory_order_relaxed); }
 
  private:
   OutputCache() : limit_(static_cast<size_t>(limit_from_env())) {}
@@ -148,17 +150,13 @@ class OutputCache final : public c10::Allocator {
   std::mutex mu_;
   std::multimap<size_t, Block*> free_;
   size_t cached_bytes_ = 0;
-  size_t limit_;
+  std::atomic<size_t> limit_;  // written under mu_
   int64_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 std::vector<int64_t> stats_op() { return OutputCache::instance().stats(); }
 
-int64_t set_limit_op(int64_t bytes) {
-  const auto previous = static_cast<int64_t>(OutputCache::instance().limit());
-  OutputCache::instance().set_limit(bytes);
-  return previous;
-}
+int64_t set_limit_op(int64_t bytes) { return OutputCache::instance().set_limit(bytes); }
 
 void clear_op() { OutputCache::instance().clear(); }
 
