@@ -23,6 +23,7 @@ from fused_resnet.nn import block_paths
 from fused_resnet.ops import cudnn_conv
 
 from conftest import requires_cuda
+from helpers import randomise_bn
 
 requires_build = pytest.mark.skipif(
     not cudnn_conv.built(), reason=f"cudnn backend not built: {_backend._cudnn_frontend_reason()}")
@@ -318,16 +319,6 @@ CUDNN_BLOCKS = [
 ]
 
 
-def _randomise_bn(block):
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 def _cudnn_block_trio(kind, inplanes, planes, stride, groups, base_width, dilation, fused_backend):
     """(fused block on `fused_backend`, the same block on backend "reference",
     fp64 CPU copy of the reference), identical weights and buffers."""
@@ -340,7 +331,7 @@ def _cudnn_block_trio(kind, inplanes, planes, stride, groups, base_width, dilati
         ds = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * tv_cls.expansion, 1, stride, bias=False),
                                  torch.nn.BatchNorm2d(planes * tv_cls.expansion))
     tv = tv_cls(inplanes, planes, stride, ds, groups, base_width, dilation)
-    _randomise_bn(tv)
+    randomise_bn(tv)
     ref = copy.deepcopy(tv).double()
     fused = fused_resnet.convert(copy.deepcopy(tv), backend=fused_backend)
     eager = fused_resnet.convert(copy.deepcopy(tv), backend="reference")

@@ -10,36 +10,22 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn import block_paths
+from helpers import make_trio
 
 RETURN = {"relu": "stem", "layer1": "c2", "layer2": "c3", "layer4": "c5", "fc": "logits"}
 
 
-def _pair(arch: str):
-    torch.manual_seed(0)
-    tv = getattr(torchvision.models, arch)(num_classes=10)
-    with torch.no_grad():  # non-trivial BN state, so a stem or BN mix-up shows
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    fused = getattr(fused_resnet, arch)(num_classes=10)
-    fused.load_state_dict(tv.state_dict())
-    return tv, fused
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_eval_features_and_node_names_match_torchvision(arch):
-    tv, fused = _pair(arch)
+    fused, tv, ref = make_trio(arch)
     tv.eval()
     fused.eval()
+    ref.eval()
     train_names, eval_names = get_graph_node_names(fused)
     assert train_names == eval_names
     for name in ("conv1", "bn1", "relu", "maxpool", "avgpool", "flatten", "fc"):
@@ -49,14 +35,14 @@ def test_eval_features_and_node_names_match_torchvision(arch):
     x = torch.randn(2, 3, 64, 64)
     got = create_feature_extractor(fused, RETURN)(x)
     want = create_feature_extractor(tv, RETURN)(x)
-    ref = create_feature_extractor(copy.deepcopy(tv).double(), RETURN)(x.double())
+    high = create_feature_extractor(ref, RETURN)(x.double())
     assert got.keys() == want.keys()
     for k in want:
-        numerics.assert_close_to_reference(got[k], want[k], ref[k], what=f"{arch} feature {k}")
+        numerics.assert_close_to_reference(got[k], want[k], high[k], what=f"{arch} feature {k}")
 
 
 def test_traced_module_runs_the_fused_blocks(monkeypatch):
-    _, fused = _pair("resnet18")
+    fused, _, _ = make_trio("resnet18")
     fused.eval()
     fe = create_feature_extractor(fused, {"layer4": "c5"})
     calls = []
@@ -72,8 +58,7 @@ def test_traced_module_runs_the_fused_blocks(monkeypatch):
 
 
 def test_training_features_give_torchvision_gradients_and_running_stats():
-    tv, fused = _pair("resnet18")
-    ref = copy.deepcopy(tv).double()
+    fused, tv, ref = make_trio("resnet18")
     nodes = {"layer2": "c3", "layer4": "c5"}
     fes = [create_feature_extractor(m.train(), nodes) for m in (fused, tv, ref)]
     x = torch.randn(4, 3, 32, 32)
@@ -95,10 +80,10 @@ def test_training_features_give_torchvision_gradients_and_running_stats():
 
 
 def test_converted_torchvision_model_and_plain_symbolic_trace():
-    tv, _ = _pair("resnet50")
+    _, tv, ref = make_trio("resnet50")
     tv.eval()
+    ref.eval()
     converted = fused_resnet.convert(copy.deepcopy(tv))
-    ref = copy.deepcopy(tv).double()
     x = torch.randn(2, 3, 64, 64)
     traced = torch.fx.symbolic_trace(converted)
     numerics.assert_close_to_reference(traced(x), tv(x), ref(x.double()), what="traced logits")

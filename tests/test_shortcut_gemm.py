@@ -30,6 +30,7 @@ import fused_resnet
 from fused_resnet import fusions, numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
+from helpers import randomise_bn
 from interp_suite import count_kernel_launches, drop_interp_tests_outside_the_interpreter, run_interp_tests
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -185,13 +186,7 @@ def _block(spec, dtype=torch.float32, backend="triton"):
     torch.manual_seed(0)
     ds = torch.nn.Sequential(torch.nn.Conv2d(inplanes, out, 1, stride, bias=False), torch.nn.BatchNorm2d(out))
     block = cls(inplanes, planes, stride, ds)
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise_bn(block)
     block.eval()
     ref = copy.deepcopy(block).double()
     ref.backend = "reference"
