@@ -56,6 +56,22 @@ def test_freed_output_is_reused_and_results_stay_exact(cache):
     assert y2.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_the_block_freed_last_is_handed_out_first(cache):
+    """Among cached blocks of one size, the most recently freed one (the one
+    most likely still in the CPU caches) serves the next request."""
+    z, sc, sh = _operands()
+    first, _ = ops.bn_apply(z, sc, sh, None, False)
+    second, _ = ops.bn_apply(z, sc, sh, None, False)
+    older, newer = first.data_ptr(), second.data_ptr()
+    assert older != newer
+    del first
+    del second  # freed last
+    again, _ = ops.bn_apply(z, sc, sh, None, False)
+    assert again.data_ptr() == newer
+    then, _ = ops.bn_apply(z, sc, sh, None, False)
+    assert then.data_ptr() == older
+
+
 def test_backward_outputs_come_from_the_cache_too(cache):
     z, sc, sh = _operands()
     y, mask = ops.bn_apply(z, sc, sh, None, True)

@@ -142,6 +142,13 @@ inline uint64_t relu_bits(const V& v) {
 inline uint64_t read_bits(const uint8_t* mask, int64_t nbytes, int64_t i, int nbits) {
   const int64_t b = i >> 3;
   const int sh = static_cast<int>(i & 7);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if (b + 8 <= nbytes) {  // one unaligned 8-byte load covers sh + nbits <= 39 bits
+    uint64_t w;
+    std::memcpy(&w, mask + b, 8);
+    return (w >> sh) & ((uint64_t(1) << nbits) - 1);
+  }
+#endif
   const int need = (sh + nbits + 7) >> 3;
   uint64_t w = 0;
   for (int k = 0; k < need && b + k < nbytes; ++k) w |= static_cast<uint64_t>(mask[b + k]) << (8 * k);

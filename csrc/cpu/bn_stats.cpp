@@ -139,9 +139,233 @@ void stats_planes(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>
   });
 }
 
+// Merges per-block partials (block mean relative to the shift kk and sum of
+// squared deviations; blocks of `rb` rows, the last one shorter) in block
+// order with Chan's update, in double: fp32 running sums over millions of
+// values per channel drift by ~1e-5 relative when the partials are far from
+// the shift (an outlier first value). Every block has the same count for all
+// channels, so the weights are computed once per block and the inner loop
+// runs across channels; it is branch-free (vectorised by the compiler) until
+// a non-finite partial mean appears, after which the Inf/NaN rule of
+// chan_merge needs the per-channel branch.
+template <typename acc_t>
+void merge_row_blocks(const acc_t* pm, const acc_t* pq, int64_t C, int64_t R, int64_t rb, const acc_t* kk,
+                      acc_t* mean_out, acc_t* var_out) {
+  const int64_t nblk = (R + rb - 1) / rb;
+  at::parallel_for(0, C, 256, [&](int64_t cb, int64_t ce) {
+    const int64_t w = ce - cb;
+    std::vector<double> mean_acc(w, 0.0), m2_acc(w, 0.0);
+    bool all_finite = true;
+    int64_t seen = 0;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t nb = std::min(R, (blk + 1) * rb) - blk * rb;
+      const int64_t nt = seen + nb;
+      const double wb = static_cast<double>(nb) / static_cast<double>(nt);
+      const double wab = static_cast<double>(seen) * static_cast<double>(nb) / static_cast<double>(nt);
+      const acc_t* bm = pm + blk * C + cb;
+      const acc_t* bq = pq + blk * C + cb;
+      double* mean = mean_acc.data();
+      double* m2 = m2_acc.data();
+      if (all_finite) {
+        bool finite = true;
+        for (int64_t c = 0; c < w; ++c) finite &= std::isfinite(bm[c]);
+        all_finite = finite;
+      }
+      if (all_finite) {
+        for (int64_t c = 0; c < w; ++c) {
+          const double mb = static_cast<double>(bm[c]);
+          const double delta = mb - mean[c];
+          mean[c] += delta * wb;
+          m2[c] += static_cast<double>(bq[c]) + delta * delta * wab;
+        }
+      } else {
+        for (int64_t c = 0; c < w; ++c) {
+          const double mb = static_cast<double>(bm[c]);
+          if (std::isfinite(mean[c]) && std::isfinite(mb)) {
+            const double delta = mb - mean[c];
+            mean[c] += delta * wb;
+            m2[c] += static_cast<double>(bq[c]) + delta * delta * wab;
+          } else {  // same Inf/NaN rule as chan_merge
+            mean[c] = seen == 0 ? mb : mean[c] + mb;
+            m2[c] = std::numeric_limits<double>::quiet_NaN();
+          }
+        }
+      }
+      seen = nt;
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      mean_out[cb + c] = static_cast<acc_t>(mean_acc[c] + static_cast<double>(kk[cb + c]));
+      var_out[cb + c] = static_cast<acc_t>(m2_acc[c] / static_cast<double>(R));
+    }
+  });
+}
+
+// Rows layout, two strategies (chosen by size only, so results stay
+// deterministic):
+//  * tiled (tensors up to kStreamedBytes): tiles of kTileRows rows x up to
+//    kTileChunks vector chunks; the first pass keeps its sums in registers
+//    and copies the shifted values into a 16 KiB scratch tile, which the
+//    second pass reads back from L1. Reading the tile back from z itself
+//    would thrash L1: with C = 1024 or 2048 fp32 channels the rows are 4 or
+//    8 KiB apart and all map to the same cache sets.
+//  * streamed (larger tensors, which come from memory rather than cache):
+//    blocks of whole rows walked in address order, the hardware prefetcher's
+//    best case, with per-channel sums in an L1 array.
+constexpr int64_t kTileRows = 64;
+constexpr int kTileChunks = 4;
+constexpr int64_t kStreamedBytes = int64_t(16) << 20;
+
+// Corrected two-pass moments of one channel over `nrows` rows `ld` apart
+// (the channels past the last whole vector chunk of a tile), scalar.
 template <typename scalar_t>
-void stats_rows(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* mean_out,
-                at::opmath_type<scalar_t>* var_out) {
+inline void channel_moments(const scalar_t* p, int64_t ld, int64_t nrows, at::opmath_type<scalar_t> k,
+                            at::opmath_type<scalar_t>& mean_out, at::opmath_type<scalar_t>& m2_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s = 0;
+  for (int64_t r = 0; r < nrows; ++r) s += static_cast<acc_t>(p[r * ld]) - k;
+  const acc_t m = s / static_cast<acc_t>(nrows);
+  acc_t dsum = 0, q = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const acc_t d = (static_cast<acc_t>(p[r * ld]) - k) - m;
+    dsum += d;
+    q += d * d;
+  }
+  const acc_t corr = dsum / static_cast<acc_t>(nrows);
+  mean_out = std::isfinite(corr) ? m + corr : m;
+  const acc_t m2 = q - dsum * corr;
+  m2_out = m2 < acc_t(0) ? acc_t(0) : m2;
+}
+
+// Pass 1 over a tile: NCH vector chunks x nrows rows. Sums (x - k) per lane in
+// registers and keeps (x - k) in `scratch` (row-major, NCH * kBlock wide).
+template <typename scalar_t, int NCH>
+inline void tile_pass1(const scalar_t* p, int64_t ld, int64_t nrows, const at::opmath_type<scalar_t>* k,
+                       at::opmath_type<scalar_t>* scratch, at::opmath_type<scalar_t>* sums) {
+  using IO = Io<scalar_t>;
+  using V = typename IO::V;
+  constexpr int64_t W = NCH * IO::kBlock;
+  V acc[2 * NCH];
+  for (int j = 0; j < 2 * NCH; ++j) acc[j] = V(0);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* row = p + r * ld;
+    auto* out = scratch + r * W;
+#pragma GCC unroll 4
+    for (int j = 0; j < NCH; ++j) {
+      V a, b;
+      IO::load(row + j * IO::kBlock, a, b);
+      a = a - V::loadu(k + j * IO::kBlock);
+      b = b - V::loadu(k + j * IO::kBlock + IO::kV);
+      a.store(out + j * IO::kBlock);
+      b.store(out + j * IO::kBlock + IO::kV);
+      acc[2 * j] += a;
+      acc[2 * j + 1] += b;
+    }
+  }
+  for (int j = 0; j < 2 * NCH; ++j) acc[j].store(sums + j * IO::kV);
+}
+
+// Pass 2 for one chunk of the scratch tile (rows `ld` apart): deviations from
+// the block mean, two independent accumulator sets (even and odd rows) so the
+// adds are not one latency-bound chain; then the corrected two-pass update of
+// run_moments (fold the first mean's rounding error back in where it is
+// finite, an Inf mean stays Inf; clamp a tiny negative m2 to 0, NaN survives).
+// `mean` holds the chunk's sums on entry, the block mean (minus k) on exit.
+template <typename acc_t>
+inline void scratch_pass2(const acc_t* s, int64_t ld, int64_t nrows, acc_t* mean, acc_t* m2) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kV = V::size();
+  const V inv_n(acc_t(1) / static_cast<acc_t>(nrows));
+  const V ma = V::loadu(mean) * inv_n, mb = V::loadu(mean + kV) * inv_n;
+  V d0(0), d1(0), d2(0), d3(0), q0(0), q1(0), q2(0), q3(0);
+  int64_t r = 0;
+  for (; r + 2 <= nrows; r += 2) {
+    const V a = V::loadu(s + r * ld) - ma, b = V::loadu(s + r * ld + kV) - mb;
+    const V c = V::loadu(s + (r + 1) * ld) - ma, d = V::loadu(s + (r + 1) * ld + kV) - mb;
+    d0 += a;
+    d1 += b;
+    d2 += c;
+    d3 += d;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    q2 = at::vec::fmadd(c, c, q2);
+    q3 = at::vec::fmadd(d, d, q3);
+  }
+  if (r < nrows) {
+    const V a = V::loadu(s + r * ld) - ma, b = V::loadu(s + r * ld + kV) - mb;
+    d0 += a;
+    d1 += b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  }
+  const V zero(0);
+  auto finish = [&](const V& m, const V& dsum, const V& q, acc_t* mo, acc_t* qo) {
+    const V corr = dsum * inv_n;
+    const V finite = (corr - corr) == zero;  // all-ones lanes where corr is finite
+    V::blendv(m, m + corr, finite).store(mo);
+    const V v = q - dsum * corr;
+    V::blendv(v, zero, v < zero).store(qo);
+  };
+  finish(ma, d0 + d2, q0 + q2, mean, m2);
+  finish(mb, d1 + d3, q1 + q3, mean + kV, m2 + kV);
+}
+
+// Block mean (minus k) and sum of squared deviations of NCH chunks.
+template <typename scalar_t, int NCH>
+inline void tile_moments(const scalar_t* p, int64_t ld, int64_t nrows, const at::opmath_type<scalar_t>* k,
+                         at::opmath_type<scalar_t>* scratch, at::opmath_type<scalar_t>* mean,
+                         at::opmath_type<scalar_t>* m2) {
+  using IO = Io<scalar_t>;
+  tile_pass1<scalar_t, NCH>(p, ld, nrows, k, scratch, mean);
+  for (int j = 0; j < NCH; ++j) {
+    scratch_pass2(scratch + j * IO::kBlock, NCH * IO::kBlock, nrows, mean + j * IO::kBlock, m2 + j * IO::kBlock);
+  }
+}
+
+template <typename scalar_t>
+void stats_rows_tiled(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* mean_out,
+                      at::opmath_type<scalar_t>* var_out) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  const int64_t C = l.C, R = l.N * l.S;
+  const int64_t chunks = C / IO::kBlock;
+  const int64_t groups = std::max<int64_t>(1, (chunks + kTileChunks - 1) / kTileChunks);
+  const int64_t nblk = (R + kTileRows - 1) / kTileRows;
+  std::vector<acc_t> pm(nblk * C), pq(nblk * C);
+  std::vector<acc_t> kk(C);  // per-channel shift, as in stats_planes
+  for (int64_t c = 0; c < C; ++c) kk[c] = shift_of(static_cast<acc_t>(zp[c]));
+  at::parallel_for(0, nblk * groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t scratch[kTileRows * kTileChunks * IO::kBlock];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blk = t / groups, g = t % groups;
+      const int64_t r0 = blk * kTileRows, nrows = std::min(R, r0 + kTileRows) - r0;
+      const int64_t ch0 = std::min(chunks, g * kTileChunks), ch1 = std::min(chunks, (g + 1) * kTileChunks);
+      const int64_t c0 = ch0 * IO::kBlock;
+      const scalar_t* p = zp + r0 * C + c0;
+      acc_t* m = pm.data() + blk * C + c0;
+      acc_t* q = pq.data() + blk * C + c0;
+      const acc_t* k = kk.data() + c0;
+      // The chunk count as a compile-time constant keeps the sums in registers.
+      static_assert(kTileChunks == 4, "one case per chunk count");
+      switch (ch1 - ch0) {
+        case 4: tile_moments<scalar_t, 4>(p, C, nrows, k, scratch, m, q); break;
+        case 3: tile_moments<scalar_t, 3>(p, C, nrows, k, scratch, m, q); break;
+        case 2: tile_moments<scalar_t, 2>(p, C, nrows, k, scratch, m, q); break;
+        case 1: tile_moments<scalar_t, 1>(p, C, nrows, k, scratch, m, q); break;
+        default: break;  // no whole chunk (C < one vector chunk)
+      }
+      if (g == groups - 1) {  // the last group also owns the channels past the last whole chunk
+        for (int64_t c = chunks * IO::kBlock; c < C; ++c) {
+          channel_moments<scalar_t>(zp + r0 * C + c, C, nrows, kk[c], pm[blk * C + c], pq[blk * C + c]);
+        }
+      }
+    }
+  });
+  merge_row_blocks<acc_t>(pm.data(), pq.data(), C, R, kTileRows, kk.data(), mean_out, var_out);
+}
+
+template <typename scalar_t>
+void stats_rows_streamed(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* mean_out,
+                         at::opmath_type<scalar_t>* var_out) {
   using IO = Io<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
@@ -206,40 +430,7 @@ void stats_rows(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>* 
       }
     }
   });
-  // Merge the blocks in order. Every block has the same count for all
-  // channels, so the Chan weights are computed once per block and the inner
-  // loop runs across channels.
-  at::parallel_for(0, C, 256, [&](int64_t cb, int64_t ce) {
-    // Merged in double, as in stats_planes.
-    std::vector<double> mean_acc(ce - cb, 0.0), m2_acc(ce - cb, 0.0);
-    int64_t seen = 0;
-    for (int64_t k = 0; k < nblk; ++k) {
-      const int64_t nb = std::min(rb, R - k * rb);
-      const int64_t nt = seen + nb;
-      const double wb = static_cast<double>(nb) / static_cast<double>(nt);
-      const double wab = static_cast<double>(seen) * static_cast<double>(nb) / static_cast<double>(nt);
-      const acc_t* bm = pm.data() + k * C;
-      const acc_t* bq = pq.data() + k * C;
-      for (int64_t c = cb; c < ce; ++c) {
-        const double mb = static_cast<double>(bm[c]);
-        double& mean = mean_acc[c - cb];
-        double& m2 = m2_acc[c - cb];
-        if (std::isfinite(mean) && std::isfinite(mb)) {
-          const double delta = mb - mean;
-          mean = mean + delta * wb;
-          m2 = m2 + static_cast<double>(bq[c]) + delta * delta * wab;
-        } else {  // same Inf/NaN rule as chan_merge
-          mean = seen == 0 ? mb : mean + mb;
-          m2 = std::numeric_limits<double>::quiet_NaN();
-        }
-      }
-      seen = nt;
-    }
-    for (int64_t c = cb; c < ce; ++c) {
-      mean_out[c] = static_cast<acc_t>(mean_acc[c - cb] + static_cast<double>(kk[c]));
-      var_out[c] = static_cast<acc_t>(m2_acc[c - cb] / static_cast<double>(R));
-    }
-  });
+  merge_row_blocks<acc_t>(pm.data(), pq.data(), C, R, rb, kk.data(), mean_out, var_out);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& z_in) {
@@ -259,8 +450,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& z_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    if (l.rows) {
-      stats_rows<scalar_t>(zp, l, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    if (l.rows && l.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamedBytes) {
+      stats_rows_streamed<scalar_t>(zp, l, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    } else if (l.rows) {
+      stats_rows_tiled<scalar_t>(zp, l, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     } else {
       stats_planes<scalar_t>(zp, l, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     }

@@ -138,7 +138,10 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (cached_bytes_ + b->size <= limit_) {
-        free_.emplace(b->size, b);
+        // First among blocks of its size, so the next request of that size
+        // gets the block freed last: the one most likely still in cache
+        // (multimap::emplace would append it, handing out the coldest).
+        free_.emplace_hint(free_.lower_bound(b->size), b->size, b);
         cached_bytes_ += b->size;
         return;
       }
