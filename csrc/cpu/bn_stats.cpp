@@ -146,8 +146,8 @@ void stats_planes(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>
 // the shift (an outlier first value). Every block has the same count for all
 // channels, so the weights are computed once per block and the inner loop
 // runs across channels; it is branch-free (vectorised by the compiler) until
-// a non-finite partial mean appears, after which the Inf/NaN rule of
-// chan_merge needs the per-channel branch.
+// a non-finite partial mean appears, after which chan_merge itself (with its
+// Inf/NaN rule) runs per channel.
 template <typename acc_t>
 void merge_row_blocks(const acc_t* pm, const acc_t* pq, int64_t C, int64_t R, int64_t rb, const acc_t* kk,
                       acc_t* mean_out, acc_t* var_out) {
@@ -175,20 +175,14 @@ void merge_row_blocks(const acc_t* pm, const acc_t* pq, int64_t C, int64_t R, in
         for (int64_t c = 0; c < w; ++c) {
           const double mb = static_cast<double>(bm[c]);
           const double delta = mb - mean[c];
-          mean[c] += delta * wb;
-          m2[c] += static_cast<double>(bq[c]) + delta * delta * wab;
+          // chan_merge's expressions, in its order of operations.
+          mean[c] = mean[c] + delta * wb;
+          m2[c] = m2[c] + static_cast<double>(bq[c]) + delta * delta * wab;
         }
       } else {
         for (int64_t c = 0; c < w; ++c) {
-          const double mb = static_cast<double>(bm[c]);
-          if (std::isfinite(mean[c]) && std::isfinite(mb)) {
-            const double delta = mb - mean[c];
-            mean[c] += delta * wb;
-            m2[c] += static_cast<double>(bq[c]) + delta * delta * wab;
-          } else {  // same Inf/NaN rule as chan_merge
-            mean[c] = seen == 0 ? mb : mean[c] + mb;
-            m2[c] = std::numeric_limits<double>::quiet_NaN();
-          }
+          int64_t n = seen;  // every channel has seen the same count
+          chan_merge<double>(n, mean[c], m2[c], nb, static_cast<double>(bm[c]), static_cast<double>(bq[c]));
         }
       }
       seen = nt;
