@@ -39,9 +39,12 @@ build: setup
 
 # For the GPU machine (torch preinstalled, no package registry): see
 # benchmarks/README.md for the steps one by one.
+# GPU_CHECK passes options, e.g. GPU_CHECK="--only build,cuda-tests" (one
+# device command is limited to 10 minutes; see benchmarks/README.md).
+GPU_CHECK ?=
 gpu-check:
-	FUSED_RESNET_NO_EXT=1 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
-	$(PYTHON) -m fused_resnet.gpu_check
+	FUSED_RESNET_NO_EXT=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -m fused_resnet.gpu_check $(GPU_CHECK)
 
 clean:
 	rm -rf build fused_resnet/_C*.so

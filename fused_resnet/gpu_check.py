@@ -3,15 +3,22 @@ each step in its own process under a 10-minute limit, results recorded in
 benchmarks/results/<date>-<gpu>.json and .md.
 
 Steps (python -m fused_resnet.gpu_check --list):
-  build        python setup.py build_ext --inplace (ninja, sm_80 + sm_90)
+  build        python setup.py build_ext --inplace (ninja), always for
+               TORCH_CUDA_ARCH_LIST="8.0;9.0" (the GPU image sets 9.0a)
   info         fused-resnet info
-  cuda-tests   pytest tests -k cuda (the CUDA tests; the rest runs in CI)
+  cuda-tests   pytest tests -k "cuda and not large_tensors" (the CUDA tests;
+               the rest runs in CI), over pytest-xdist workers when installed
+  cuda-large   pytest tests/test_large_tensors.py -k cuda, one process (its
+               tensors take tens of GiB; beside other workers they ran out)
   bench-infer  fused-resnet bench --mode inference (GPU defaults)
   bench-train  fused-resnet bench --mode train (GPU defaults)
   pytest-bench pytest benchmarks/ --benchmark-json (GPU sizes)
 
 Run a subset with --only / --skip; a step that fails or times out is
-recorded as such and the others still run. See benchmarks/README.md.
+recorded as such and the others still run. Runs on the same day and device
+add to one record: a step run again replaces its earlier entry, so the steps
+can be spread over several shorter commands (the GPU machine allows 10
+minutes a command). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -28,7 +35,18 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("build", "info", "cuda-tests", "bench-infer", "bench-train", "pytest-bench")
+STEPS = ("build", "info", "cuda-tests", "cuda-large", "bench-infer", "bench-train", "pytest-bench")
+# The project's GPU targets (issue: built for sm_80 and sm_90), whatever the
+# machine's environment says.
+BUILD_ARCHS = "8.0;9.0"
+
+
+def _xdist_args() -> list[str]:
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return []
+    return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
 
 
 def _commands(work: str, bench_args: list[str], pytest_args: list[str]) -> dict[str, list[str]]:
@@ -36,7 +54,10 @@ def _commands(work: str, bench_args: list[str], pytest_args: list[str]) -> dict[
     return {
         "build": [py, "setup.py", "-q", "build_ext", "--inplace"],
         "info": [py, "-m", "fused_resnet", "info"],
-        "cuda-tests": [py, "-m", "pytest", "tests", "-q", "-rs", "-k", "cuda", "-p", "no:cacheprovider"],
+        "cuda-tests": [py, "-m", "pytest", "tests", "-q", "-rfEs", "-k", "cuda and not large_tensors",
+                       "-p", "no:cacheprovider", *_xdist_args()],
+        "cuda-large": [py, "-m", "pytest", "tests/test_large_tensors.py", "-q", "-rfEs", "-k", "cuda",
+                       "-p", "no:cacheprovider"],
         "bench-infer": [py, "-m", "fused_resnet", "bench", "--mode", "inference", "--quiet",
                         "--json", os.path.join(work, "bench-inference.json"), *bench_args],
         "bench-train": [py, "-m", "fused_resnet", "bench", "--mode", "train", "--quiet",
@@ -46,11 +67,12 @@ def _commands(work: str, bench_args: list[str], pytest_args: list[str]) -> dict[
     }
 
 
-def _run(name: str, cmd: list[str], timeout: int) -> dict:
+def _run(name: str, cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
     print(f"== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=None if env is None else {**os.environ, **env})
         rc, out = p.returncode, p.stdout + p.stderr
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired as exc:
@@ -63,8 +85,28 @@ def _run(name: str, cmd: list[str], timeout: int) -> dict:
     tail = out[-6000:]
     if rc != 0:
         print(tail[-3000:], flush=True)
-    return {"step": name, "command": cmd, "status": status, "exit_code": rc, "seconds": round(dt, 1),
-            "output_tail": tail}
+    return {"step": name, "command": cmd, "env": env or {}, "status": status, "exit_code": rc,
+            "seconds": round(dt, 1), "output_tail": tail}
+
+
+def merge_records(old: dict | None, new: dict) -> dict:
+    """new added to an earlier record of the same day and device: steps run
+    again replace their earlier entries (others are kept, in step order), and
+    result sections the new run did not produce are kept from the old one."""
+    if not old or "steps" not in old:
+        return new
+    merged = dict(new)
+    ran = {s["step"] for s in new["steps"]}
+    steps = [s for s in old.get("steps", []) if s["step"] not in ran] + new["steps"]
+    order = {name: i for i, name in enumerate(STEPS)}
+    merged["steps"] = sorted(steps, key=lambda s: order.get(s["step"], len(order)))
+    for key in ("bench_inference", "bench_train", "pytest_benchmark"):
+        if merged.get(key) is None:
+            merged[key] = old.get(key)
+    commits = sorted({str(s.get("git_commit")) for s in merged["steps"]})
+    if len(commits) > 1:
+        merged["note"] = "steps of this record ran at different commits: " + ", ".join(commits)
+    return merged
 
 
 def _slug(text: str) -> str:
@@ -88,8 +130,10 @@ def _markdown(record: dict) -> str:
     for k in ("device_name", "compute_capability", "gpu_memory_gib", "driver", "cuda_runtime", "cudnn", "torch",
               "triton", "torchvision", "python", "fused_resnet", "git_commit"):
         lines.append(f"| {k} | {env.get(k)} |")
-    lines += ["", "## Steps", "", "| step | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in record["steps"]]
+    if record.get("note"):
+        lines += ["", f"Note: {record['note']}."]
+    lines += ["", "## Steps", "", "| step | status | seconds | commit |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s.get('git_commit')} |" for s in record["steps"]]
     for key in ("bench_inference", "bench_train"):
         if record.get(key):
             lines += ["", f"## fused-resnet bench ({key.split('_')[1]})", "", report.format_markdown(record[key])]
@@ -112,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help=f"comma-separated steps to run ({', '.join(STEPS)})")
     ap.add_argument("--skip", help="comma-separated steps to skip")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per step (default 600)")
+    ap.add_argument("--timeout", type=int, default=540, help="seconds per step (default 540)")
     ap.add_argument("--bench-args", default="", help="extra arguments for `fused-resnet bench`")
     ap.add_argument("--pytest-args", default="", help="extra arguments for `pytest benchmarks/`")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -143,18 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     env = environment.describe(device)
     work = tempfile.mkdtemp(prefix="fused_resnet_gpu_check_")
     cmds = _commands(work, shlex.split(args.bench_args), shlex.split(args.pytest_args))
-    steps = [_run(name, cmds[name], args.timeout) for name in chosen]
+    envs = {"build": {"TORCH_CUDA_ARCH_LIST": BUILD_ARCHS}}
+    steps = [_run(name, cmds[name], args.timeout, envs.get(name)) for name in chosen]
+    for step in steps:
+        step["git_commit"] = env.get("git_commit")
     date = _dt.datetime.now().strftime("%Y-%m-%d")
-    record = {
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"{date}-{_slug(env['device_name'])}")
+    record = merge_records(_load(base + ".json"), {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "environment": env,
         "steps": steps,
         "bench_inference": _load(os.path.join(work, "bench-inference.json")),
         "bench_train": _load(os.path.join(work, "bench-train.json")),
         "pytest_benchmark": _load(os.path.join(work, "pytest-benchmark.json")),
-    }
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"{date}-{_slug(env['device_name'])}")
+    })
     with open(base + ".json", "w") as f:
         json.dump(record, f, indent=2, default=str)
     with open(base + ".md", "w") as f:

@@ -52,12 +52,20 @@ class Verdict:
         )
 
 
+def _as_ref64(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    # fp64 on the reference's device: a GPU reference (the benchmarks' batch
+    # 256 checks) is compared there, without copying gigabytes to the CPU;
+    # tests keep their fp64 references on the CPU.
+    return t.detach().to(ref.device, torch.float64)
+
+
 def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    d = (a.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)).abs()
+    a64, r64 = _as_ref64(a, ref), _as_ref64(ref, ref)
+    d = (a64 - r64).abs()
     if d.numel() == 0:
         return 0.0
     # NaN where the reference has NaN at the same place is agreement, not error.
-    both_nan = torch.isnan(a.detach().cpu().double()) & torch.isnan(ref.detach().cpu().double())
+    both_nan = torch.isnan(a64) & torch.isnan(r64)
     d = torch.where(both_nan, torch.zeros_like(d), d)
     d = torch.nan_to_num(d, nan=float("inf"))
     return float(d.max())
@@ -88,11 +96,11 @@ def compare(
     dtype = dtype or eager.dtype
     fe = max_abs_err(fused, reference)
     ee = max_abs_err(eager, reference)
-    ref64 = reference.detach().to("cpu", torch.float64)
+    ref64 = _as_ref64(reference, reference)
     finite = ref64[torch.isfinite(ref64)]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     bound = factor * ee + ABS_FLOOR.get(dtype, 1e-5) * scale
-    d = (fused.detach().cpu().double() - ref64).abs()
+    d = (_as_ref64(fused, reference) - ref64).abs()
     outliers = 0
     if fe > bound and outlier_channels > 0 and d.dim() >= 1 and d.shape[0] > 1:
         per_channel = torch.nan_to_num(d.reshape(d.shape[0], -1), nan=float("inf")).amax(dim=1)
@@ -118,8 +126,8 @@ def _normwise(tensors, refs) -> float:
     num = 0.0
     den = 0.0
     for t, r in zip(tensors, refs):
-        r64 = r.detach().to("cpu", torch.float64)
-        num += float((t.detach().to("cpu", torch.float64) - r64).square().sum())
+        r64 = _as_ref64(r, r)
+        num += float((_as_ref64(t, r) - r64).square().sum())
         den += float(r64.square().sum())
     return (num ** 0.5) / max(den ** 0.5, 1e-300)
 

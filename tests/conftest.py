@@ -7,6 +7,12 @@ import torch
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# On a GPU, tests take each conv problem's first Triton config untimed:
+# timing every candidate of every test shape made the CUDA tests several
+# times slower, and correctness does not depend on which config wins.
+# test_triton_conv_cuda runs every candidate and the autotuner itself.
+os.environ.setdefault("FUSED_RESNET_AUTOTUNE", "0")
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

@@ -104,6 +104,11 @@ def test_finalize_matches_reference_and_replays_in_a_cuda_graph(momentum):
     state = [torch.zeros(C, device="cuda"), torch.ones(C, device="cuda"), torch.zeros((), dtype=torch.long, device="cuda")]
     ref_state = [t.clone() for t in state]
     stream = torch.cuda.Stream()
+    # The side stream must see the state's fill kernels (queued on the current
+    # stream) before the warm-up reads it: without this, a warm-up increment
+    # could land before the zero fill and be lost (the likely cause of one
+    # run on an H100 counting 3 batches instead of 4).
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         ops.bn_finalize(mean, var, 10, w, b, *state, momentum, 1e-5)  # warm-up outside capture
         graph = torch.cuda.CUDAGraph()

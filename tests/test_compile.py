@@ -89,5 +89,10 @@ def test_compiled_cuda_reduce_overhead():
     for step in range(3):  # warm-up, record, replay
         for m in (compiled, eager, ref):
             m.zero_grad()
-        x = torch.randn(2, 3, 32, 32, device="cuda")
+        # 64x64, not 32x32: at 32x32 layer4's activations are 1x1, where
+        # torch 2.11's inductor predicts a channels_last grad_weight for
+        # cuDNN's convolution_backward but gets a contiguous one and fails its
+        # stride assertion (seen on an H100; an upstream fake-kernel problem,
+        # pytorch/pytorch#175969 and #197517, not one of our ops).
+        x = torch.randn(2, 3, 64, 64, device="cuda")
         compare_step(compiled, eager, ref, x, train=True, what=f"reduce-overhead step {step}")

@@ -394,6 +394,7 @@ def test_corrupt_cache_through_choose_config(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_chosen", {})
     cands = cc.candidates(90, 2, 64)
     best = cands[len(cands) // 2]
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")  # tests/conftest.py turns it off
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: 0.5 if cfg is best else 1.0)
     path = ac.get_cache(KERNEL_VERSION).path
     assert path.parent == tmp_path

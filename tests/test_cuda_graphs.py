@@ -42,7 +42,7 @@ def test_training_step_captures_and_replays():
     fused, _, _ = make_trio("resnet18", device="cuda")
     twin = copy.deepcopy(fused)
     fused.train(), twin.train()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, capturable=False) for m in (fused, twin)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (fused, twin)]
     static_x = torch.randn(4, 3, 32, 32, device="cuda")
     static_g = torch.randn(4, 10, device="cuda")
 

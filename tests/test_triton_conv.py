@@ -307,6 +307,7 @@ def test_choose_config_uses_cache_and_retunes_unknown_names(tmp_path, monkeypatc
     timed = []
     fake_times = {c.name: 1.0 + i for i, c in enumerate(cands)}
     fake_times[cands[2].name] = 0.5
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")  # tests/conftest.py turns it off
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: timed.append(cfg.name) or fake_times[cfg.name])
     monkeypatch.setattr(launch, "_chosen", {})
     key = ac.make_key(90, "bfloat16-tf32", "bucket-a", KERNEL_VERSION)
@@ -319,6 +320,68 @@ def test_choose_config_uses_cache_and_retunes_unknown_names(tmp_path, monkeypatc
     with pytest.warns(RuntimeWarning, match="unknown config"):
         assert launch.choose_config(key + "-x", cands, None) == cands[2]
     assert len(timed) == len(cands)
+
+
+
+def test_autotune_off_takes_the_first_candidate_untimed(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
+    from fused_resnet.triton import autotune_cache as ac
+    from fused_resnet.triton import conv_configs as cc
+    from fused_resnet.triton import launch
+    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+
+    def never(run, cfg):
+        raise AssertionError("timed a config with autotuning off")
+
+    monkeypatch.setattr(launch, "_benchmark", never)
+    monkeypatch.setattr(launch, "_chosen", {})
+    cands = cc.candidates(90, 2, 64)
+    key = ac.make_key(90, "bfloat16-tf32", "bucket-off", KERNEL_VERSION)
+    assert launch.choose_config(key, cands, None) == cands[0]
+    # Nothing remembered: turning autotuning on later tunes this key.
+    assert key not in launch._chosen and ac.get_cache(KERNEL_VERSION).get(key) is None
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: 0.5 if cfg == cands[-1] else 1.0)
+    assert launch.choose_config(key, cands, None) == cands[-1]
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FUSED_RESNET_AUTOTUNE must be 0 or 1"):
+        launch.choose_config(key + "-2", cands, None)
+
+
+def test_the_tuning_flag_is_set_only_while_timing(monkeypatch):
+    """launch.tuning() (which kernel-launch counters read) is on inside
+    _benchmark's timed runs, off after them, also when a config fails."""
+    pytest.importorskip("triton")
+    import triton
+
+    from fused_resnet.triton import launch
+
+    seen = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    cfg = type("Cfg", (), {"name": "fake"})()
+    assert launch._benchmark(lambda c: seen.append(launch.tuning()), cfg) == 1.0
+    assert seen == [True] and not launch.tuning()
+
+    def failing(c):
+        raise RuntimeError("out of resources")
+
+    with pytest.warns(RuntimeWarning, match="failed to run"):
+        assert launch._benchmark(failing, cfg) == float("inf")
+    assert not launch.tuning()
+
+    def oom(c):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # the problem's size, not the config's fault
+        launch._benchmark(oom, cfg)
+    assert not launch.tuning()
 
 
 drop_interp_tests_outside_the_interpreter(globals())

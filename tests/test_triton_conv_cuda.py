@@ -129,3 +129,79 @@ def test_prologue_conv_and_its_fused_dgrad(name, dtype):
     ref = reference.conv2d_dgrad_prologue(dz.double(), wt.double(), x.double(), ps.double(), pt.double(), p, 1, 1)
     for what, a, e, rf in zip(("dx", "d_pre_scale", "d_pre_shift"), got, eager, ref):
         numerics.assert_close_to_reference(a, e, rf, dtype=dt, kind="grad", what=f"{name} {dtype}: {what}")
+
+
+# Tests run with FUSED_RESNET_AUTOTUNE=0 (tests/conftest.py): each problem
+# takes its first candidate. These two cover the others and the autotuner.
+CONFIG_SHAPES = ["stem_7x7_s2", "l1_1x1_reduce", "l2_3x3_s2", "l3_3x3"]  # flat-K, GEMM, strided and channel-block
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", CONFIG_SHAPES)
+def test_every_candidate_config_matches_the_reference(name, dtype):
+    from fused_resnet.triton import conv_configs, launch
+
+    dt = DTYPES[dtype]
+    x, wt, sc, sf, r, conv = _inputs(name, 2, dt)
+    eager = reference.conv2d_bn_act(x, wt, sc, sf, r, True, emit_stats=True, **conv)
+    ref = reference.conv2d_bn_act(x.double(), wt.double(), sc.double(), sf.double(), r.double(), True,
+                                  emit_stats=True, **conv)
+    arch = conv_configs.arch_family(torch.cuda.get_device_capability())
+    cands = conv_configs.candidates(arch, dt.itemsize, wt.shape[0])
+    assert len(cands) > 1
+    for cfg in cands:
+        y, s, q = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True,
+                                       config=cfg)
+        what = f"{name} {dtype} config {cfg.name}"
+        numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{what}: y")
+        numerics.assert_close_to_reference(s, eager[1], ref[1], dtype=torch.float32, what=f"{what}: sum")
+        numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=torch.float32, what=f"{what}: sumsq")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_every_dgrad_candidate_config_matches_the_reference(dtype):
+    from fused_resnet.triton import conv_configs, launch
+
+    dt = DTYPES[dtype]
+    x, wt, _, _, _, conv = _inputs("l3_3x3", 2, dt)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ci = x.shape[1]
+    ps = torch.rand(ci, device="cuda", generator=g) + 0.5
+    pt = torch.randn(ci, device="cuda", generator=g) * 0.5
+    dz = torch.randn(x.shape[0], wt.shape[0], x.shape[2], x.shape[3], device="cuda", generator=g)
+    dz = dz.to(dt).contiguous(memory_format=torch.channels_last)
+    p = conv["padding"]
+    eager = reference.conv2d_dgrad_prologue(dz, wt, x, ps, pt, p, 1, 1)
+    ref = reference.conv2d_dgrad_prologue(dz.double(), wt.double(), x.double(), ps.double(), pt.double(), p, 1, 1)
+    arch = conv_configs.arch_family(torch.cuda.get_device_capability())
+    cands = conv_configs.dgrad_candidates(arch, dt.itemsize, ci)
+    assert len(cands) > 1
+    for cfg in cands:
+        got = launch.conv2d_dgrad_prologue(dz, wt, x, ps, pt, p, 1, 1, config=cfg)
+        for what, a, e, rf in zip(("dx", "d_pre_scale", "d_pre_shift"), got, eager, ref):
+            numerics.assert_close_to_reference(a, e, rf, dtype=dt, kind="grad", what=f"{dtype} {cfg.name}: {what}")
+
+
+def test_autotuner_times_every_candidate_and_caches_its_choice(tmp_path, monkeypatch):
+    """FUSED_RESNET_AUTOTUNE=1 on a real GPU: every candidate is timed once,
+    the fastest is used and written to the disk cache, and the next process
+    (an empty in-memory table) reads it back without timing."""
+    from fused_resnet.triton import autotune_cache, launch
+
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune_cache, "_caches", {})
+    monkeypatch.setattr(launch, "_chosen", {})
+    timed = []
+    real = launch._benchmark
+    monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: timed.append(cfg.name) or real(run, cfg))
+    x, wt, sc, sf, r, conv = _inputs("l3_3x3", 4, torch.bfloat16)
+    y = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, False)[0]
+    assert len(timed) > 1 and len(set(timed)) == len(timed)
+    (key, chosen), = launch._chosen.items()
+    assert autotune_cache.get_cache(launch.KERNEL_VERSION).get(key) == chosen.name
+    launch._chosen.clear()
+    timed.clear()
+    y2 = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, False)[0]
+    assert not timed and launch._chosen[key] == chosen
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)  # same config, same inputs

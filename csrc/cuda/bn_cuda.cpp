@@ -136,6 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
 std::tuple<at::Tensor, at::Tensor> bn_apply_cuda(const at::Tensor& z, const at::Tensor& scale,
                                                  const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                                                  bool relu, std::optional<at::ScalarType> out_dtype) {
+  // Devices first: the dispatcher sends a CPU `z` here when `scale` or `shift`
+  // is on the GPU, and the mistake is then the CUDA vector, not `z`.
+  check_same_device(z, "z", scale, "scale");
+  check_same_device(z, "z", shift, "shift");
   check_input(z, "bn_apply", "z");
   const c10::cuda::CUDAGuard guard(z.device());
   const auto fmt = compute_format(z);

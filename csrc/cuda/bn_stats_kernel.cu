@@ -207,24 +207,28 @@ __global__ __launch_bounds__(kThreads) void stats_combine_kernel(const T* __rest
   const int lane = threadIdx.x % 32;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (c >= C) return;  // whole warps leave together
-  A n = 0, mean = 0, m2 = 0;
+  // The merge runs in double whatever A is: with fp32 the counts lose
+  // integer precision past 2^24, and `shift + mean` would round the mean to
+  // the shift's ulp (2^-18 for a shift of 48), far coarser than the data's
+  // own precision near a mean of 0. The CPU path merges in double too.
+  double n = 0, mean = 0, m2 = 0;
   for (int p = lane; p < partials; p += 32) {
     const int64_t first = static_cast<int64_t>(p) * per_block;
     const int64_t last = first + per_block < units ? first + per_block : units;
-    const A nb = static_cast<A>((last - first) * unit_elems);
-    chan_merge(n, mean, m2, nb, part_mean[p * C + c], part_m2[p * C + c]);
+    const double nb = static_cast<double>((last - first) * unit_elems);
+    chan_merge(n, mean, m2, nb, static_cast<double>(part_mean[p * C + c]), static_cast<double>(part_m2[p * C + c]));
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
-    const A nb = __shfl_xor_sync(0xffffffffu, n, off);
-    const A mb = __shfl_xor_sync(0xffffffffu, mean, off);
-    const A qb = __shfl_xor_sync(0xffffffffu, m2, off);
+    const double nb = __shfl_xor_sync(0xffffffffu, n, off);
+    const double mb = __shfl_xor_sync(0xffffffffu, mean, off);
+    const double qb = __shfl_xor_sync(0xffffffffu, m2, off);
     chan_merge(n, mean, m2, nb, mb, qb);
   }
   if (lane == 0) {
     // torch.var_mean of no values is NaN, NaN.
-    mean_out[c] = n > A(0) ? channel_shift(z, c, inner) + mean : quiet_nan<A>();
-    var_out[c] = n > A(0) ? m2 / n : quiet_nan<A>();
+    mean_out[c] = n > 0.0 ? static_cast<A>(static_cast<double>(channel_shift(z, c, inner)) + mean) : quiet_nan<A>();
+    var_out[c] = n > 0.0 ? static_cast<A>(m2 / n) : quiet_nan<A>();
   }
 }
 

@@ -29,7 +29,12 @@ def symbolic_tracing() -> bool:
         return False
     from torch.fx import _symbolic_trace
 
-    return _symbolic_trace._get_is_fx_tracing()
+    getter = getattr(_symbolic_trace, "_get_is_fx_tracing", None)  # torch >= 2.12: a thread-local flag
+    if getter is not None:
+        return bool(getter())
+    # torch 2.11 keeps a module-level flag (is_fx_tracing() reads it, but logs a
+    # deprecation warning on first use).
+    return bool(getattr(_symbolic_trace, "_is_fx_tracing_flag", False))
 
 
 def fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -107,22 +107,54 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_tuning = threading.local()
+
+
+def tuning() -> bool:
+    """True while this thread times candidate configs (launch counters in
+    tests skip those launches: how many there are depends on the autotune
+    cache, not on the fused path)."""
+    return getattr(_tuning, "active", False)
+
+
 def _benchmark(run, cfg) -> float:
+    _tuning.active = True
     try:
         return float(triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25))
+    except torch.OutOfMemoryError:
+        raise  # the problem's tensors, not the config: every candidate would fail the same way
     except Exception as exc:  # noqa: BLE001 - e.g. OutOfResources on a smaller part than sm_80/sm_90
         warnings.warn(f"fused_resnet: conv config {cfg.name} failed to run ({type(exc).__name__}: {exc}); skipped",
                       RuntimeWarning, stacklevel=2)
         return float("inf")
+    finally:
+        _tuning.active = False
+
+
+def autotune_enabled() -> bool:
+    """FUSED_RESNET_AUTOTUNE=0 takes each problem's first candidate untimed
+    (and writes nothing to the disk cache): a fast first call and a fixed
+    choice, e.g. for test suites; the default (1) times every candidate."""
+    value = os.environ.get("FUSED_RESNET_AUTOTUNE", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"FUSED_RESNET_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_configs.ConvConfig:
     """The config for `key`: from memory, else the disk cache, else by timing
-    every candidate with `run(cfg)` (which launches the real problem)."""
+    every candidate with `run(cfg)` (which launches the real problem); the
+    first candidate untimed when autotuning is off (autotune_enabled)."""
     with _chosen_lock:
         cfg = _chosen.get(key)
     if cfg is not None:
         return cfg
+    if not cands:
+        raise RuntimeError(f"fused_resnet: no Triton conv config candidates for {key}")
+    if not autotune_enabled():
+        # Not remembered in _chosen either: turning autotuning back on in the
+        # same process then tunes this key.
+        return cands[0]
     by_name = {c.name: c for c in cands}
     cache = autotune_cache.get_cache(KERNEL_VERSION)
     name = cache.get(key)
