@@ -71,3 +71,23 @@ def test_import_survives_a_missing_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "did not load" in out.stdout
+
+
+def test_resolve_follows_changes_after_earlier_answers(monkeypatch):
+    """resolve() remembers its answers; a changed environment variable or
+    global choice must still take effect on the next call."""
+    cpu = torch.device("cpu")
+    want = "cpu" if fused_resnet.availability()["cpu"].available else "reference"
+    monkeypatch.delenv("FUSED_RESNET_BACKEND", raising=False)
+    assert _backend.resolve(None, cpu) == want
+    monkeypatch.setenv("FUSED_RESNET_BACKEND", "reference")
+    assert _backend.resolve(None, cpu) == "reference"
+    monkeypatch.delenv("FUSED_RESNET_BACKEND")
+    assert _backend.resolve(None, cpu) == want
+    try:
+        fused_resnet.set_backend("reference")
+        assert _backend.resolve(None, cpu) == "reference"
+        assert _backend.resolve("auto", cpu) == want  # a module's own choice wins
+    finally:
+        _backend._global_backend = None
+    assert _backend.resolve(None, cpu) == want

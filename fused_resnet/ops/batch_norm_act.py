@@ -149,7 +149,7 @@ def _env_relu_saves() -> str:
     return env
 
 
-_NATIVE_STEPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward")
+_NATIVE_STEPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
 
 
 def _native_steps(chosen: str, z: torch.Tensor) -> bool:
@@ -165,6 +165,13 @@ def _below_autograd():
     # is ours, so dispatch straight to the kernels, as torch.library's own
     # autograd wrapper does.
     return torch._C._AutoDispatchBelowAutograd()
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to's argument parsing costs more than the comparison, and these
+    # gradients are almost always in the right dtype already (a small-stage
+    # training step is bound by such host costs on a GPU).
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _NativeBatchNormAct(torch.autograd.Function):
@@ -185,17 +192,17 @@ class _NativeBatchNormAct(torch.autograd.Function):
     def backward(ctx, dy):
         z, mask, mean, invstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if ctx.reuse_output:
-            dy, mask = _mask_by_output(dy, mask)
         with _below_autograd():
+            if ctx.reuse_output:  # `mask` holds the saved ReLU output: pack its mask (_mask_by_output)
+                mask = torch.ops.fused_resnet.relu_mask.default(mask)
             dz, dres, dw, db = torch.ops.fused_resnet.bn_backward.default(
                 dy, z, mask, mean, invstd, weight, ctx.batch_stats, bool(need[3]))
         wdt, bdt, rdt = ctx.dtypes
         return (
             dz if need[0] else None,
-            dw.to(wdt) if need[1] else None,
-            db.to(bdt) if need[2] else None,
-            dres.to(rdt) if need[3] else None,
+            _as_dtype(dw, wdt) if need[1] else None,
+            _as_dtype(db, bdt) if need[2] else None,
+            _as_dtype(dres, rdt) if need[3] else None,
             None, None, None, None, None, None, None,
         )
 
