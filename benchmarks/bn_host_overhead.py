@@ -4,9 +4,10 @@ cost per call, fused against eager (F.batch_norm + add + relu).
 
     python benchmarks/bn_host_overhead.py [--device cuda]
 
-On a GPU this host time is what bounds the small ResNet stages when the
-model runs eagerly (H100, 2048x7, batch 256: 0.37 ms of kernels, 0.67 ms
-per fused forward + backward; benchmarks/results/2026-11-23-h100/).
+On a GPU, host time is the likely reason the small ResNet stages leave the
+GPU idle when the model runs eagerly (H100, 2048x7, batch 256: 0.37 ms of
+kernels in 0.67 ms per fused forward + backward;
+benchmarks/results/2026-11-23-h100/); --device cuda measures it there.
 Medians of 7 rounds of 2000 calls, the four variants in alternation.
 """
 

@@ -169,8 +169,8 @@ def _below_autograd():
 
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Tensor.to's argument parsing costs more than the comparison, and these
-    # gradients are almost always in the right dtype already (a small-stage
-    # training step is bound by such host costs on a GPU).
+    # gradients are almost always in the right dtype already (host time per
+    # call matters at the small stages on a GPU, where kernels are short).
     return t if t.dtype == dtype else t.to(dtype)
 
 
