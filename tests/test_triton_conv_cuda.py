@@ -39,6 +39,24 @@ def _inputs(name, batch, dtype):
     return x, wt, sc, sf, r, dict(stride=s, padding=p)
 
 
+def _assert_conv_outputs(out, eager, ref, dt, what):
+    """y, the per-channel sum and sum of squares of conv2d_bn_act(...,
+    emit_stats=True) against eager's and the fp64 reference's."""
+    (y, s, q), (ye, se, qe), (yr, sr, qr) = out, eager, ref
+    numerics.assert_close_to_reference(y, ye, yr, dtype=dt, what=f"{what}: y")
+    numerics.assert_close_to_reference(s, se, sr, dtype=torch.float32, what=f"{what}: sum")
+    numerics.assert_close_to_reference(q, qe, qr, dtype=torch.float32, what=f"{what}: sumsq")
+
+
+def _prologue_vectors(ci):
+    """The generator and the per-input-channel pre_scale / pre_shift of the
+    BN + ReLU prologue tests."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ps = torch.rand(ci, device="cuda", generator=g) + 0.5
+    pt = torch.randn(ci, device="cuda", generator=g) * 0.5
+    return g, ps, pt
+
+
 @pytest.mark.parametrize("batch", [1, 256])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(RESNET50))
@@ -47,14 +65,12 @@ def test_resnet50_shapes(name, dtype, batch):
 
     dt = DTYPES[dtype]
     x, wt, sc, sf, r, conv = _inputs(name, batch, dt)
-    y, s, q = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True)
+    out = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True)
     eager = reference.conv2d_bn_act(x, wt, sc, sf, r, True, emit_stats=True, **conv)
     # fp64 reference on the GPU (cuDNN fp64), compared on the CPU.
     ref = reference.conv2d_bn_act(x.double(), wt.double(), sc.double(), sf.double(), r.double(), True,
                                   emit_stats=True, **conv)
-    numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{name} {dtype} N={batch}: y")
-    numerics.assert_close_to_reference(s, eager[1], ref[1], dtype=torch.float32, what="sum")
-    numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=torch.float32, what="sumsq")
+    _assert_conv_outputs(out, eager, ref, dt, f"{name} {dtype} N={batch}")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -112,10 +128,7 @@ def test_prologue_conv_and_its_fused_dgrad(name, dtype):
 
     dt = DTYPES[dtype]
     x, wt, _, _, _, conv = _inputs(name, 32, dt)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ci = x.shape[1]
-    ps = torch.rand(ci, device="cuda", generator=g) + 0.5
-    pt = torch.randn(ci, device="cuda", generator=g) * 0.5
+    g, ps, pt = _prologue_vectors(x.shape[1])
     p = conv["padding"]
     y, s, q = launch.conv2d_bn_act(x, wt, None, None, None, False, 1, p, 1, 1, True, pre_scale=ps, pre_shift=pt)
     eager = reference.conv2d_prologue_bn_act(x, ps, pt, wt, emit_stats=True, **conv)
@@ -150,12 +163,8 @@ def test_every_candidate_config_matches_the_reference(name, dtype):
     cands = conv_configs.candidates(arch, dt.itemsize, wt.shape[0])
     assert len(cands) > 1
     for cfg in cands:
-        y, s, q = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True,
-                                       config=cfg)
-        what = f"{name} {dtype} config {cfg.name}"
-        numerics.assert_close_to_reference(y, eager[0], ref[0], dtype=dt, what=f"{what}: y")
-        numerics.assert_close_to_reference(s, eager[1], ref[1], dtype=torch.float32, what=f"{what}: sum")
-        numerics.assert_close_to_reference(q, eager[2], ref[2], dtype=torch.float32, what=f"{what}: sumsq")
+        out = launch.conv2d_bn_act(x, wt, sc, sf, r, True, conv["stride"], conv["padding"], 1, 1, True, config=cfg)
+        _assert_conv_outputs(out, eager, ref, dt, f"{name} {dtype} config {cfg.name}")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -164,10 +173,8 @@ def test_every_dgrad_candidate_config_matches_the_reference(dtype):
 
     dt = DTYPES[dtype]
     x, wt, _, _, _, conv = _inputs("l3_3x3", 2, dt)
-    g = torch.Generator(device="cuda").manual_seed(1)
     ci = x.shape[1]
-    ps = torch.rand(ci, device="cuda", generator=g) + 0.5
-    pt = torch.randn(ci, device="cuda", generator=g) * 0.5
+    g, ps, pt = _prologue_vectors(ci)
     dz = torch.randn(x.shape[0], wt.shape[0], x.shape[2], x.shape[3], device="cuda", generator=g)
     dz = dz.to(dt).contiguous(memory_format=torch.channels_last)
     p = conv["padding"]

@@ -77,6 +77,17 @@ inline acc_t shift_of(acc_t v) {
   return std::isfinite(v) ? v : acc_t(0);
 }
 
+// Per-channel shift: fp32 cannot hold a partial mean of ~1e4 finely enough
+// to merge variances of ~1e-4, so partials are taken relative to a value of
+// the channel itself (x - k is exact for nearby values): each channel's first
+// value, channels `stride` elements apart (S for planes, 1 for rows).
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> channel_shifts(const scalar_t* zp, int64_t C, int64_t stride) {
+  std::vector<at::opmath_type<scalar_t>> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = shift_of(static_cast<at::opmath_type<scalar_t>>(zp[c * stride]));
+  return k;
+}
+
 // Chan et al.: fold partial (nb, mb, qb) into the running (n, mean, m2).
 template <typename acc_t>
 inline void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, int64_t nb, acc_t mb, acc_t qb) {
@@ -105,11 +116,7 @@ void stats_planes(const scalar_t* zp, const Layout& l, at::opmath_type<scalar_t>
   const int64_t nseg = (l.S + kPlaneSeg - 1) / kPlaneSeg;
   const int64_t tasks = l.N * l.C * nseg;
   std::vector<acc_t> pm(tasks), pq(tasks);
-  // Per-channel shift: fp32 cannot hold a partial mean of ~1e4 finely enough
-  // to merge variances of ~1e-4, so partials are taken relative to a value
-  // of the channel itself (x - k is exact for nearby values).
-  std::vector<acc_t> k(l.C);
-  for (int64_t c = 0; c < l.C; ++c) k[c] = shift_of(static_cast<acc_t>(zp[c * l.S]));
+  const std::vector<acc_t> k = channel_shifts(zp, l.C, l.S);
   const int64_t seg_len = std::min(l.S, kPlaneSeg);
   const int64_t grain = std::max<int64_t>(1, 16384 / seg_len);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
@@ -325,8 +332,7 @@ void stats_rows_tiled(const scalar_t* zp, const Layout& l, at::opmath_type<scala
   const int64_t groups = std::max<int64_t>(1, (chunks + kTileChunks - 1) / kTileChunks);
   const int64_t nblk = (R + kTileRows - 1) / kTileRows;
   std::vector<acc_t> pm(nblk * C), pq(nblk * C);
-  std::vector<acc_t> kk(C);  // per-channel shift, as in stats_planes
-  for (int64_t c = 0; c < C; ++c) kk[c] = shift_of(static_cast<acc_t>(zp[c]));
+  const std::vector<acc_t> kk = channel_shifts(zp, C, 1);
   at::parallel_for(0, nblk * groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t scratch[kTileRows * kTileChunks * IO::kBlock];
     for (int64_t t = begin; t < end; ++t) {
@@ -368,8 +374,7 @@ void stats_rows_streamed(const scalar_t* zp, const Layout& l, at::opmath_type<sc
   const int64_t rb = tiles.rows;
   const int64_t nblk = tiles.nblocks;
   std::vector<acc_t> pm(nblk * C), pq(nblk * C);
-  std::vector<acc_t> kk(C);  // per-channel shift, as in stats_planes
-  for (int64_t c = 0; c < C; ++c) kk[c] = shift_of(static_cast<acc_t>(zp[c]));
+  const std::vector<acc_t> kk = channel_shifts(zp, C, 1);
   at::parallel_for(0, tiles.tasks(), 1, [&](int64_t begin, int64_t end) {
     // Sum of deviations, for the corrected two-pass update below.
     std::vector<acc_t> dsum_buf(tiles.width);

@@ -101,9 +101,9 @@ def _backward(ctx, dy, _dmask):
     wdt, bdt, rdt = ctx.dtypes
     return (
         dz if need[0] else None,
-        dw.to(wdt) if need[1] else None,
-        db.to(bdt) if need[2] else None,
-        dres.to(rdt) if need[3] else None,
+        _as_dtype(dw, wdt) if need[1] else None,
+        _as_dtype(db, bdt) if need[2] else None,
+        _as_dtype(dres, rdt) if need[3] else None,
         None, None, None, None, None, None, None, None,
     )
 
