@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchvision's eager model with the same weights, against an fp64 CPU reference: "
                                    "block outputs and logits in train and eval mode, parameter gradients, running "
                                    "statistics. Criterion: fused_resnet.numerics.")
-    _add_model_args(p, batch_default=2, image_default=64)
+    _add_model_args(p, batch_default=4, image_default=64)
     p.add_argument("--state-dict", metavar="FILE", help="weights to verify with (torch.save'd state_dict; needs --model)")
     p.add_argument("--backend", help="comma-separated fused backends (default: every one that can run here)")
     p.add_argument("--mode", choices=("train", "eval", "both"), default="both")

@@ -25,6 +25,32 @@ GRAD_FACTOR = 3.0
 # the per-block tests with identical inputs, which use GRAD_FACTOR.
 NETWORK_GRAD_FACTOR = 5.0
 
+# The fewest values per channel a BatchNorm using batch statistics may see in
+# a comparison of two implementations. With n values, the chance that a
+# channel's sample deviation falls below a c-th of the true one shrinks like
+# c**(n - 1); with 2 the normalised output is +-1 whatever the input and its
+# gradient is pure cancellation, so the criterion would judge rounding luck.
+MIN_BATCH_STATS_VALUES = 16
+
+
+def resnet_batch_stats_values(batch_size: int, image_size: int) -> int:
+    """Values per channel that a ResNet's last-stage BatchNorms (stride 32)
+    see in training, the fewest of the network."""
+    side = -(-image_size // 32)
+    return batch_size * side * side
+
+
+def training_conditioning_note(batch_size: int, image_size: int) -> str | None:
+    """Why a training-mode comparison of a ResNet at this size cannot decide
+    anything, or None when it can."""
+    n = resnet_batch_stats_values(batch_size, image_size)
+    if n >= MIN_BATCH_STATS_VALUES:
+        return None
+    return (f"batch {batch_size} at {image_size}x{image_size} gives the last stage's BatchNorms {n} values per "
+            f"channel in training (fewer than {MIN_BATCH_STATS_VALUES}): the training comparison is "
+            "ill-conditioned and may fail or pass by rounding luck; use a larger batch or image")
+
+
 # Absolute floor, relative to max(1, max|reference|), per dtype of the computation.
 ABS_FLOOR: dict[torch.dtype, float] = {
     torch.float64: 1e-12,

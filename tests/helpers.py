@@ -12,6 +12,11 @@ import torchvision
 import fused_resnet
 from fused_resnet import numerics
 
+# The fewest values per channel a BatchNorm computing batch statistics may
+# see in a test that compares results (why: numerics.MIN_BATCH_STATS_VALUES;
+# enforced by conftest.py).
+MIN_BN_VALUES = numerics.MIN_BATCH_STATS_VALUES
+
 
 def randomise_bn(model: torch.nn.Module) -> None:
     # Non-trivial BN parameters and running stats, so a wrong fold or a

@@ -122,7 +122,7 @@ def test_matches_eager(devices, dtype, train, cl):
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 5, 4, 4), (4, 13, 1, 1), (2, 3, 64, 64), (2, 24, 3, 3)],
+    [(1, 5, 4, 4), (16, 13, 1, 1), (2, 3, 64, 64), (2, 24, 3, 3)],
     ids=["N=1", "HW=1,C=13", "large-HW", "C=24"],
 )
 def test_shapes(devices, shape):

@@ -27,7 +27,9 @@ def test_checkpointed_blocks_match_eager(use_reentrant):
     fused, eager, ref = make_trio("resnet18")
     for m in (fused, eager, ref):
         m.train()
-    x = torch.randn(2, 3, 32, 32, requires_grad=use_reentrant)  # reentrant needs an input that wants grad
+    # 4 x 64x64: layer4's BatchNorms see 16 values per channel (helpers.MIN_BN_VALUES);
+    # reentrant checkpointing needs an input that wants grad.
+    x = torch.randn(4, 3, 64, 64, requires_grad=use_reentrant)
     yf, ye, yr = _run(fused, x, use_reentrant), _run(eager, x, use_reentrant), _run(ref, x.detach().double().requires_grad_(use_reentrant), use_reentrant)
     numerics.assert_close_to_reference(yf, ye, yr, what="checkpointed logits")
     g = torch.randn(yr.shape, dtype=torch.float64)

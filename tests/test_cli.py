@@ -55,7 +55,7 @@ def test_cuda_device_without_gpu_is_an_argument_error(capsys):
 
 def test_tiny_bench_runs_and_writes_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = cli.main(["bench", "--model", "resnet18", "--batch-size", "1", "--image-size", "64", "--device", "cpu",
+    rc = cli.main(["bench", "--model", "resnet18", "--batch-size", "4", "--image-size", "64", "--device", "cpu",
                    "--steps", "1", "--warmup", "0", "--providers", "eager,fused-cpu,fused-cuda", "--quiet",
                    "--json", str(out)])
     printed = capsys.readouterr().out
@@ -89,10 +89,23 @@ def test_cudnn_fallbacks_are_listed_in_the_bench_notes():
 
     row = {"mode": "train", "provider": "fused-cudnn", "status": "ok", "reason": "", "numerics_ok": True,
            "fallbacks": ["conv_bias_act|cuda:0|bfloat16[8,3,7,7]\tno engine supports the graph"]}
-    notes = report._notes({"results": [row, {**row, "mode": "inference", "fallbacks": []}]})
+    config = {"modes": ["inference", "train"], "batch_size": 256, "image_size": 224}
+    notes = report._notes({"config": config, "results": [row, {**row, "mode": "inference", "fallbacks": []}]})
     assert notes[0].startswith("fused-cudnn [train]: 1 layer graph(s) refused by cuDNN")
     assert notes[1].strip() == "conv_bias_act|cuda:0|bfloat16[8,3,7,7]: no engine supports the graph"
     assert len(notes) == 2
+
+
+@pytest.mark.parametrize("batch,size,warned", [(1, 64, True), (2, 64, True), (4, 64, False), (8, 224, False)])
+def test_an_ill_conditioned_training_verification_is_pointed_out(batch, size, warned):
+    from fused_resnet.bench import report
+
+    for modes, expect in ((["inference", "train"], warned), (["inference"], False)):
+        config = {"modes": modes, "batch_size": batch, "image_size": size}
+        notes = report._notes({"config": config, "results": []})
+        assert any("ill-conditioned" in n for n in notes) == expect, notes
+    _, note = verify.verify("resnet18", backends=["reference"], batch_size=batch, image_size=size, modes=("eval",))
+    assert note is None
 
 
 def test_verify_cli_passes_on_resnet18(capsys):
@@ -121,7 +134,7 @@ def _models(corrupt: str | None):
 
 def test_verify_catches_a_corrupted_fused_model_and_locates_it():
     tv, fused, ref = _models(corrupt="layer3.1.conv1.weight")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)
     result = verify.verify_models(tv, fused, ref, x)
     assert not result.ok
     bad = {(c.mode, c.point, c.what) for c in result.failures()}

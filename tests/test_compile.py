@@ -78,7 +78,7 @@ def test_inductor_matches_eager_in_training(train=True):
     fused, eager, ref = make_trio("resnet18")
     compiled = torch.compile(fused, fullgraph=True)
     compiled_eager = torch.compile(eager)
-    compare_step(compiled, compiled_eager, ref, torch.randn(2, 3, 32, 32), train=train,
+    compare_step(compiled, compiled_eager, ref, torch.randn(4, 3, 64, 64), train=train,
                  what=f"inductor resnet18 ({'train' if train else 'eval'})", backward=train)
 
 
@@ -94,5 +94,5 @@ def test_compiled_cuda_reduce_overhead():
         # cuDNN's convolution_backward but gets a contiguous one and fails its
         # stride assertion (seen on an H100; an upstream fake-kernel problem,
         # pytorch/pytorch#175969 and #197517, not one of our ops).
-        x = torch.randn(2, 3, 64, 64, device="cuda")
+        x = torch.randn(4, 3, 64, 64, device="cuda")
         compare_step(compiled, eager, ref, x, train=True, what=f"reduce-overhead step {step}")

@@ -119,9 +119,8 @@ MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_model_matches_eager(device, name, train, channels_last):
     fused, eager, ref = make_trio(name, device, channels_last)
-    # 64x64 keeps >= 8 values per channel in layer4, so the unbiased running
-    # variance is not dominated by the conditioning of a 2-sample estimate.
-    x = torch.randn(2, 3, 64, 64, device=device)
+    # 4 x 64x64 gives layer4's BatchNorms 16 values per channel (helpers.MIN_BN_VALUES).
+    x = torch.randn(4, 3, 64, 64, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     run_and_compare(fused, eager, ref, x, train, f"{name} train={train} cl={channels_last}",
@@ -187,7 +186,7 @@ def test_model_matches_eager_in_fp64_strictly(name):
     fused, eager, ref = make_trio(name)
     fused.double()
     eager.double()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     run_and_compare(fused, eager, ref, x, True, f"{name} fp64", dtype=torch.float64)
 
 

@@ -61,7 +61,7 @@ def test_training_features_give_torchvision_gradients_and_running_stats():
     fused, tv, ref = make_trio("resnet18")
     nodes = {"layer2": "c3", "layer4": "c5"}
     fes = [create_feature_extractor(m.train(), nodes) for m in (fused, tv, ref)]
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 64, 64)
     grads = []
     for fe in fes:
         xi = x.to(next(fe.parameters()).dtype)
@@ -91,17 +91,3 @@ def test_converted_torchvision_model_and_plain_symbolic_trace():
     want = create_feature_extractor(tv, {"layer3": "c4"})(x)["c4"]
     numerics.assert_close_to_reference(got, want, create_feature_extractor(ref, {"layer3": "c4"})(x.double())["c4"],
                                        what="converted layer3")
-
-
-def test_tracing_flag_read_on_torch_2_11(monkeypatch):
-    """torch 2.11 (the GPU machine's) has no _get_is_fx_tracing: the flag is
-    the module-level _is_fx_tracing_flag there. Both spellings are read."""
-    from torch.fx import _symbolic_trace
-
-    from fused_resnet.nn import fx_tracing
-
-    monkeypatch.delattr(_symbolic_trace, "_get_is_fx_tracing", raising=False)
-    monkeypatch.setattr(_symbolic_trace, "_is_fx_tracing_flag", False, raising=False)
-    assert fx_tracing.symbolic_tracing() is False
-    monkeypatch.setattr(_symbolic_trace, "_is_fx_tracing_flag", True, raising=False)
-    assert fx_tracing.symbolic_tracing() is True

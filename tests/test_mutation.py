@@ -92,7 +92,7 @@ def test_optimizer_steps_train_then_eval(backend):
     checked against eager with the fused model's own state)."""
     fused, _ = _pair(backend)
     opt = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, 64, 64)  # 16 values per channel in layer4's training BatchNorms
     target = torch.randint(0, 4, (4,))
     for step in range(2):
         fused.eval()
@@ -115,7 +115,7 @@ def test_train_forward_running_stats_seen_in_eval(backend):
     only the running statistics (written by the native bn_finalize); the
     next eval must fold the new ones, not a cached fold of the old."""
     fused, _ = _pair(backend)
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, 64, 64)  # 16 values per channel in layer4's training BatchNorms
     fused.eval()
     with torch.no_grad():
         fused(x)  # fold caches filled

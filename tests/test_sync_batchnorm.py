@@ -39,12 +39,12 @@ def _free_port() -> int:
 
 def _data(dtype):
     gen = torch.Generator().manual_seed(1234)
-    # 32x32: layer4 sees 2x2 maps, 20 values per channel over both ranks. At
-    # 16x16 its BatchNorms see 5 values per channel, and a pre-activation
-    # within fp32 rounding of zero (a ReLU tie: two correct fp32 results take
-    # different sides) then moved the fp32 gradients' normwise error by 20x
+    # 64x64: layer4 sees 2x2 maps, 20 values per channel over both ranks
+    # (helpers.MIN_BN_VALUES). With 5 (at 32x32), a pre-activation within
+    # fp32 rounding of zero (a ReLU tie: two correct fp32 results take
+    # different sides) moved the fp32 gradients' normwise error by 20x
     # eager's when an unrelated change moved the statistics by 1 ulp.
-    x = torch.randn(sum(SPLIT), 3, 32, 32, generator=gen, dtype=torch.float64)
+    x = torch.randn(sum(SPLIT), 3, 64, 64, generator=gen, dtype=torch.float64)
     g = torch.randn(sum(SPLIT), 10, generator=gen, dtype=torch.float64)
     return x.to(dtype), g.to(dtype)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .. import numerics
+
 
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
@@ -38,6 +40,11 @@ def table_rows(result: dict) -> list[list[str]]:
 
 def _notes(result: dict) -> list[str]:
     notes, seen = [], set()
+    c = result["config"]
+    if "train" in c["modes"]:
+        why = numerics.training_conditioning_note(c["batch_size"], c["image_size"])
+        if why is not None:
+            notes.append(f"train verification: {why}")
     for r in result["results"]:
         if r["status"] == "unavailable" and r["provider"] not in seen:
             seen.add(r["provider"])

@@ -181,7 +181,7 @@ def default_backends(device: torch.device) -> tuple[list[str], str | None]:
 
 
 def verify(model: str, backends: list[str] | None = None, state_dict: dict | None = None,
-           batch_size: int = 2, image_size: int = 64, dtype: torch.dtype = torch.float32,
+           batch_size: int = 4, image_size: int = 64, dtype: torch.dtype = torch.float32,
            device: str = "cpu", modes=("train", "eval"), channels_last: bool = False, seed: int = 0,
            num_classes: int | None = None) -> tuple[VerifyResult, str | None]:
     """Build torchvision's `model` and the fused one with the same weights
@@ -192,9 +192,13 @@ def verify(model: str, backends: list[str] | None = None, state_dict: dict | Non
     from .. import nn as fnn
 
     device_t = torch.device(device)
-    note = None
+    notes = []
     if backends is None:
-        backends, note = default_backends(device_t)
+        backends, why = default_backends(device_t)
+        notes.append(why)
+    if "train" in modes:
+        notes.append(numerics.training_conditioning_note(batch_size, image_size))
+    note = "; ".join(n for n in notes if n) or None
     if num_classes is None:
         num_classes = state_dict["fc.weight"].shape[0] if state_dict is not None and "fc.weight" in state_dict else 1000
     torch.manual_seed(seed)
