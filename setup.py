@@ -67,6 +67,23 @@ def _cuda_include_dirs():
     return found
 
 
+def _nvrtc_link_args(libdirs):
+    """Linker arguments for NVRTC, which the cuDNN frontend's headers call
+    directly. torch's libtorch_cuda loads it on some releases (2.14) and not
+    on others (2.11), so the extension names it itself: the soname of the
+    CUDA major torch was built with, from pip's nvidia-* packages or the
+    toolkit, with an rpath to where it was found."""
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    soname = f"libnvrtc.so.{torch.version.cuda.split('.')[0]}"
+    for d in libdirs + [os.path.join(ce.CUDA_HOME, "lib64"), os.path.join(ce.CUDA_HOME, "lib")]:
+        if os.path.exists(os.path.join(d, soname)):
+            return [f"-L{d}", f"-l:{soname}", f"-Wl,-rpath,{d}"]
+    raise RuntimeError(f"fused_resnet: the cudnn backend needs NVRTC ({soname}), found in none of "
+                       f"{libdirs} or {ce.CUDA_HOME}/lib64; pip install nvidia-cuda-nvrtc")
+
+
 def _cuda_reason_unavailable():
     import torch
     from torch.utils import cpp_extension as ce
@@ -109,9 +126,11 @@ def _extensions():
     fe_dirs = [os.environ.get("CUDNN_FRONTEND_INCLUDE", "")]
     fe_dirs += [os.path.join(r, "include") for r in site.getsitepackages() + list(sys.path) if r]
     fe_dirs = [d for d in fe_dirs if d and os.path.exists(os.path.join(d, "cudnn_frontend.h"))]
+    link = ["-fopenmp"]
     if fe_dirs:
         sources += rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cudnn", "*.cpp"))))
         cxx = cxx + ["-isystem", fe_dirs[0]]
+        link += _nvrtc_link_args(libdirs)
         print(f"fused_resnet: building the cudnn backend against {fe_dirs[0]}")
     else:
         print("fused_resnet: not building the cudnn backend (cudnn_frontend.h not found: "
@@ -124,7 +143,7 @@ def _extensions():
             "cxx": cxx + system_includes,
             "nvcc": system_includes + ["-O3", "-Xptxas=-v", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )]
 
 

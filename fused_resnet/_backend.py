@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _compat
+
 BACKENDS = ("reference", "cpu", "cuda", "cudnn", "triton")
 ENV_VAR = "FUSED_RESNET_BACKEND"
 
@@ -48,7 +50,7 @@ def native_loaded() -> bool:
 _kernel_answers: dict[tuple[str, str], bool] = {}
 
 
-@torch._dynamo.assume_constant_result
+@_compat.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if torch.ops.fused_resnet.<op> has a kernel for the dispatch key."""
     hit = _kernel_answers.get((op, dispatch_key))
@@ -59,10 +61,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 def _query_kernel(op: str, dispatch_key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", dispatch_key)
-    except RuntimeError:
-        return False
+    return _compat.dispatcher_has_kernel(f"fused_resnet::{op}", dispatch_key)
 
 
 def triton_interpreter_on() -> bool:
@@ -176,7 +175,7 @@ def get_backend() -> str:
 # torch.compile may fold them to constants (its tracer cannot call into the
 # dispatcher's registry or lru_caches): the blocks then trace with no graph
 # break. A compiled model keeps the backend it was traced with.
-@torch._dynamo.assume_constant_result
+@_compat.assume_constant_result
 def _env_backend() -> str:
     env = os.environ.get(ENV_VAR)
     return validate(env) if env else "auto"
@@ -210,7 +209,7 @@ def resolve(name: str | None, device: torch.device) -> str:
     return hit
 
 
-@torch._dynamo.assume_constant_result
+@_compat.assume_constant_result
 def _resolve_on(choice: str, device_type: str) -> str:
     av = availability()
     if device_type == "cuda":

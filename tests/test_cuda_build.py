@@ -12,12 +12,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import _backend, _compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BN_OPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
@@ -50,8 +51,10 @@ def _built_with_cuda() -> bool:
 
 
 def _log_path(stem: str) -> str | None:
-    hits = sorted(glob.glob(os.path.join(ROOT, "build", "**", "csrc", "cuda", f"{stem}.o.ptxas.log"), recursive=True))
-    # Several build dirs (different Pythons): the newest log wins.
+    # The build of this interpreter (build/temp.<platform>-cpython-3XY/):
+    # `make test-oldest` builds beside `make test`, with other options.
+    build_dir = os.path.join(ROOT, "build", f"temp.*-{sys.implementation.cache_tag}")
+    hits = glob.glob(os.path.join(build_dir, "**", "csrc", "cuda", f"{stem}.o.ptxas.log"), recursive=True)
     return max(hits, key=os.path.getmtime) if hits else None
 
 
@@ -106,7 +109,7 @@ needs_cuda_build = pytest.mark.skipif(
 @pytest.mark.parametrize("op", BN_OPS)
 def test_bn_op_has_cuda_kernel(op):
     assert _backend.native_loaded()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", "CUDA"), (
+    assert _compat.dispatcher_has_kernel(f"fused_resnet::{op}", "CUDA"), (
         f"fused_resnet::{op} has no CUDA kernel although the extension was built with CUDA"
     )
 

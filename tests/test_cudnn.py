@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from fused_resnet import _backend, numerics
+from fused_resnet import _backend, _compat, numerics
 from fused_resnet.nn import block_paths
 from fused_resnet.ops import cudnn_conv
 
@@ -229,7 +229,7 @@ def genstats_cpu_kernel():
     kernel computes the contract, the backward is the one CUDA uses."""
     if not cudnn_conv._schemas_defined():
         pytest.skip("fused_resnet._C predates the cudnn schemas")
-    if torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet::cudnn_conv_genstats", "CPU"):
+    if _compat.dispatcher_has_kernel("fused_resnet::cudnn_conv_genstats", "CPU"):
         pytest.skip("the op already has a CPU kernel")
 
     def kernel(x, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):

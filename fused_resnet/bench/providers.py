@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _compat
+
 FUSED_BACKENDS = ("cpu", "cuda", "cudnn", "triton")
 BASE_PROVIDERS = ("eager", "channels_last", "amp", "compile")
 ALL_PROVIDERS = BASE_PROVIDERS + tuple(f"fused-{b}" for b in FUSED_BACKENDS)
@@ -188,16 +190,13 @@ def make_step(provider: Provider, mode: str, model_name: str, state_dict, x: tor
     run = model
     freeze = contextlib.nullcontext
     if provider.kind == "compile":
-        torch._dynamo.reset()
+        _compat.reset_compiled()
         if mode == "inference":
-            import torch._inductor.config as inductor_config
-
             if compile_mode == "auto":
                 compile_mode = "max-autotune" if device.type == "cuda" else None
             run = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
-            def freeze():  # freezing is read when inductor compiles, i.e. on the first call
-                return inductor_config.patch(freezing=True)
+            freeze = _compat.inductor_freezing
         else:
             run = torch.compile(model)
 

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .. import _compat
+
 
 def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
@@ -115,15 +117,12 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
 
     with _stderr_fd_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    try:
-        events = prof.profiler.kineto_results.events()
-    except AttributeError:  # the profiler's result layout changed: say "unknown", never guess
+    mem = _compat.profiler_cpu_memory_events(prof)
+    if mem is None:  # the profiler's result layout changed: say "unknown", never guess
         return None
-    mem = sorted((e for e in events if e.name() == "[memory]" and "CPU" in str(e.device_type())),
-                 key=lambda e: e.start_ns())
     cur = peak = 0
-    for e in mem:
-        cur += e.nbytes()
+    for _, nbytes in mem:
+        cur += nbytes
         peak = max(peak, cur)
     return peak
 

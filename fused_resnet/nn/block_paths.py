@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import _compat, ops
 # Fusion switches live in fused_resnet/fusions.py (the ops read them too);
 # re-exported here, where the block paths read them.
 from ..fusions import FUSION_DEFAULTS, FUSIONS, FUSIONS_ENV_VAR, get_fusions, set_fusions  # noqa: F401
@@ -103,8 +103,7 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and _compat.mkldnn_fused_conv_available()
         and not _fold.needs_grad(conv, bn)
         and not x.requires_grad
         and not torch.is_autocast_enabled("cpu")
@@ -116,31 +115,24 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
 def _mkldnn_unit(conv, bn, x, residual, relu, residual_owned=False):
     def pack():
         w, b = _fold.fold(conv, bn)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
-        )
-        return packed, b
+        return _compat.mkldnn_prepack_weight(w, conv.padding, conv.stride, conv.dilation, conv.groups, x.shape), b
 
     w, b = _fold.cached(conv, bn, "mkldnn", pack, extra=(tuple(x.shape),))
-    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    args = (conv.padding, conv.stride, conv.dilation, conv.groups, "relu" if relu else None)
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, "relu" if relu else "none", [None], "")
+        return _compat.mkldnn_conv(x, w, b, *args)
     fmt = _suggest_format(x)
-    unary = "relu" if relu else None
     if residual_owned and _can_accumulate_into(residual, x, fmt):
         # oneDNN's "sum" post-op: the result is written over the residual,
         # which nobody else reads (see block_forward); no output allocation,
         # and one tensor less alive at the block's peak.
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, w, b, *args, "add", None, unary, [None], ""
-        )
-    other = residual.contiguous(memory_format=fmt)
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, b, *args, "add", None, unary, [None], "")
+        return _compat.mkldnn_conv_add_(residual, x, w, b, *args)
+    return _compat.mkldnn_conv_add(x, residual.contiguous(memory_format=fmt), w, b, *args)
 
 
 def _can_accumulate_into(residual: torch.Tensor, x: torch.Tensor, fmt: torch.memory_format) -> bool:
     return (
-        hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+        _compat.mkldnn_inplace_binary_available()
         and not torch.is_grad_enabled()
         and residual.dtype == x.dtype
         and residual.is_contiguous(memory_format=fmt)
@@ -477,12 +469,11 @@ def may_overwrite_block_inputs(model: nn.Module, layers: list[nn.Module], x: tor
     block's input), and the first block's input `x` not the caller's
     `model_input` (a stem of Identity modules)."""
     from . import blocks
-    from torch.nn.modules import module as _module
 
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu"
             or x.dtype != torch.float32):
         return False
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if _compat.global_forward_hooks_registered():
         return False
     if x.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
         return False
@@ -500,11 +491,9 @@ def may_overwrite_block_inputs(model: nn.Module, layers: list[nn.Module], x: tor
 def pool_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """model.maxpool(x); on CPU with no gradient wanted, through ops.max_pool2d,
     which skips the int64 indices aten computes next to the output."""
-    from torch.nn.modules import module as _module
-
     mp = model.maxpool
     if (backend == "reference" or type(mp) is not nn.MaxPool2d or mp.return_indices or _has_hooks(mp)
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _compat.global_forward_hooks_registered()
             or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
         return mp(x)
     return ops.max_pool2d(x, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode, backend=backend)

@@ -21,20 +21,15 @@ import torch
 import torch.fx
 from torch import nn
 
+from .. import _compat
+
 
 def symbolic_tracing() -> bool:
     """True inside torch.fx.symbolic_trace (not torch.compile / export, which
     set the same flag but trace our custom ops instead)."""
     if torch.compiler.is_compiling():  # first: dynamo then never reads the thread-local flag
         return False
-    from torch.fx import _symbolic_trace
-
-    getter = getattr(_symbolic_trace, "_get_is_fx_tracing", None)  # torch >= 2.12: a thread-local flag
-    if getter is not None:
-        return bool(getter())
-    # torch 2.11 keeps a module-level flag (is_fx_tracing() reads it, but logs a
-    # deprecation warning on first use).
-    return bool(getattr(_symbolic_trace, "_is_fx_tracing_flag", False))
+    return _compat.fx_symbolic_tracing()
 
 
 def fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .. import _backend
+from .. import _backend, _compat
 from . import reference
 from ._dispatch import bump_versions, native_op, use_native
 from .bn_finalize import bn_finalize
@@ -141,7 +141,7 @@ def relu_saves() -> str:
     return _env_relu_saves()
 
 
-@torch._dynamo.assume_constant_result
+@_compat.assume_constant_result
 def _env_relu_saves() -> str:
     env = os.environ.get("FUSED_RESNET_RELU_SAVES", "output")
     if env not in RELU_SAVES:
@@ -159,12 +159,11 @@ def _native_steps(chosen: str, z: torch.Tensor) -> bool:
     return all(_backend.has_kernel(op, key) for op in _NATIVE_STEPS)
 
 
-def _below_autograd():
-    # The ops' Python autograd registrations (refusals of double backward)
-    # would route every call through Python; inside this Function, autograd
-    # is ours, so dispatch straight to the kernels, as torch.library's own
-    # autograd wrapper does.
-    return torch._C._AutoDispatchBelowAutograd()
+# The ops' Python autograd registrations (refusals of double backward) would
+# route every call through Python; inside _NativeBatchNormAct, autograd is
+# ours, so dispatch straight to the kernels, as torch.library's own autograd
+# wrapper does.
+_below_autograd = _compat.below_autograd
 
 
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _conv_args
+from .. import _backend, _compat, _conv_args
 from . import reference
 
 _OP = "fused_resnet::conv2d_bn_act"
@@ -385,7 +385,7 @@ def conv2d_bias_act_shortcut(
 
 # Depends only on the device type, the dtype and the environment: torch.compile
 # may fold it to a constant (its tracer cannot enter availability()'s cache).
-@torch._dynamo.assume_constant_result
+@_compat.assume_constant_result
 def _kernel_runs_on(device_type: str, dtype_name: str) -> bool:
     return _triton_runs(_DeviceAndDtype(torch.device(device_type), getattr(torch, dtype_name)))
 
