@@ -35,6 +35,16 @@ def inductor_freezing():
     return inductor_config.patch(freezing=True)
 
 
+# ---------------------------------------------------------------- tensors
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """t's version counter: bumped by every in-place write through PyTorch
+    (optimizer steps, load_state_dict, edits under no_grad), so a cache keyed
+    on it sees every such change."""
+    return t._version
+
+
 # ------------------------------------------------------------- dispatcher
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _compat
 
 __all__ = ["optimize", "CUDAGraphModule"]
 
@@ -63,7 +63,7 @@ def _has_unconverted_blocks(model: nn.Module) -> bool:
 def _tensor_state(model: nn.Module) -> tuple:
     """Identity and version of every parameter and buffer: what a captured
     graph (and the folds it read) depends on."""
-    return tuple((t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    return tuple((t.data_ptr(), _compat.version_counter(t)) for t in list(model.parameters()) + list(model.buffers()))
 
 
 class CUDAGraphModule(nn.Module):

@@ -58,6 +58,11 @@ from helpers import MIN_BN_VALUES  # noqa: E402
 def _batchnorm_conditioning(request, monkeypatch):
     import torch.nn.functional as F
 
+    if request.node.get_closest_marker("torchscript") is not None:
+        # torch.jit.script would compile the F.batch_norm wrapper below.
+        yield
+        return
+
     from fused_resnet import numerics
 
     smallest = []

@@ -176,7 +176,7 @@ def _cache_values(model):
     """Every cached fold value (tensors) of every BN of the model."""
     vals = []
     for mod in model.modules():
-        cache = mod.__dict__.get(fold._CACHE_ATTR)
+        cache = fold.entries(mod)
         if cache:
             for v in cache.values():
                 vals.extend(t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
@@ -271,7 +271,7 @@ def test_same_model_many_batch_sizes(backend):
         _check(model, ref, ref64, x, f"input {n}x3x{h}x{w}")
         if backend == "cpu":
             # The stem's prepacked weights are cached for this very input shape.
-            keys = list(model.bn1.__dict__.get(fold._CACHE_ATTR) or {})
+            keys = list(fold.entries(model.bn1))
             assert any(k[0] == "mkldnn" and tuple(x.shape) in k for k in keys), keys
 
 
@@ -281,9 +281,7 @@ def test_fold_cache_entry_counts_are_bounded():
         for n in range(1, 2 * fold._MAX_ENTRIES + 2):
             model(torch.randn(n, 3, 16, 16))
     for mod in model.modules():
-        cache = mod.__dict__.get(fold._CACHE_ATTR)
-        if cache is not None:
-            assert len(cache) <= fold._MAX_ENTRIES
+        assert len(fold.entries(mod)) <= fold._MAX_ENTRIES
 
 
 # ----------------------------------------------------------------- autotune cache

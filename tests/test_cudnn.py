@@ -281,15 +281,15 @@ def test_stats_from_sums_gives_batch_mean_and_biased_var():
     z = torch.randn(3, 5, 4, 6, dtype=torch.float64) * 2 + torch.randn(1, 5, 1, 1, dtype=torch.float64)
     shift = torch.randn(5, dtype=torch.float64)
     s, ss = z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3))
-    mean, var = block_paths._stats_from_sums(z, s, ss, shift)
+    mean, var = block_paths.stats_from_sums(z, s, ss, shift)
     torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)) + shift)
     torch.testing.assert_close(var, z.var(dim=(0, 2, 3), unbiased=False))
-    m32, v32 = block_paths._stats_from_sums(z.float(), s.float(), ss.float())
+    m32, v32 = block_paths.stats_from_sums(z.float(), s.float(), ss.float())
     assert m32.dtype == v32.dtype == torch.float32
     torch.testing.assert_close(v32.double(), z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
     # A constant channel: rounding must not make the variance negative.
     zc = torch.full((2, 1, 3, 3), 0.1, dtype=torch.float32)
-    _, vc = block_paths._stats_from_sums(zc, zc.sum(dim=(0, 2, 3)), (zc * zc).sum(dim=(0, 2, 3)))
+    _, vc = block_paths.stats_from_sums(zc, zc.sum(dim=(0, 2, 3)), (zc * zc).sum(dim=(0, 2, 3)))
     assert (vc >= 0).all()
 
 

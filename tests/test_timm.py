@@ -54,7 +54,7 @@ def test_fused_path_is_taken(monkeypatch):
     from fused_resnet.nn import block_paths
 
     real = block_paths.unit
-    monkeypatch.setattr(block_paths, "unit", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(block_paths, "unit", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused.train()(torch.randn(2, 3, 32, 32))
     assert len(calls) == 8 * 2 + 3  # two units per block, plus the three downsample units
 

@@ -45,6 +45,8 @@ Everything here goes through fused_resnet.ops; nothing below knows modules.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,7 @@ from .. import _compat, ops
 # re-exported here, where the block paths read them.
 from ..fusions import FUSION_DEFAULTS, FUSIONS, FUSIONS_ENV_VAR, get_fusions, set_fusions  # noqa: F401
 from ..ops.conv2d_bn_act import shortcut_kernel_runs
+from . import finite_bounds
 from . import fold as _fold
 from .sync_batchnorm import SyncBatchNorm2d
 
@@ -72,15 +75,21 @@ def _is_batchnorm(bn: nn.Module) -> bool:
         type(bn).forward is nn.BatchNorm2d.forward or type(bn).forward is SyncBatchNorm2d.forward)
 
 
-def _is_plain_conv(conv: nn.Module) -> bool:
+def is_plain_conv(conv: nn.Module) -> bool:
+    """An nn.Conv2d with zero padding and its stock forward."""
     return isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and type(conv).forward is nn.Conv2d.forward
 
 
+def bn_supported(bn: nn.Module) -> bool:
+    """A BatchNorm whose forward the fused paths reproduce exactly."""
+    return _is_batchnorm(bn) or _is_frozen_bn(bn)
+
+
 def unit_supported(conv: nn.Module, bn: nn.Module) -> bool:
-    return _is_plain_conv(conv) and (_is_batchnorm(bn) or _is_frozen_bn(bn))
+    return is_plain_conv(conv) and bn_supported(bn)
 
 
-def _uses_batch_stats(bn: nn.Module) -> bool:
+def uses_batch_stats(bn: nn.Module) -> bool:
     """nn.BatchNorm2d.forward's rule: batch statistics in training, and in
     eval too when it tracks no running statistics."""
     if _is_frozen_bn(bn):
@@ -97,9 +106,11 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
     """oneDNN's fused conv post-ops (private aten ops, no autograd): CPU,
-    fp32, no gradient wanted, not under autocast or torch.compile."""
+    fp32, no gradient wanted, not under autocast, torch.compile or
+    torch.jit.trace (whose tracer cannot record their Scalar?[] argument)."""
     return (
         not torch.compiler.is_compiling()  # first: dynamo cannot trace the mkldnn query below
+        and not torch.jit.is_tracing()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.weight.dtype == torch.float32
@@ -115,19 +126,30 @@ def _mkldnn_usable(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
 def _mkldnn_unit(conv, bn, x, residual, relu, residual_owned=False):
     def pack():
         w, b = _fold.fold(conv, bn)
-        return _compat.mkldnn_prepack_weight(w, conv.padding, conv.stride, conv.dilation, conv.groups, x.shape), b
+        packed = _compat.mkldnn_prepack_weight(w, conv.padding, conv.stride, conv.dilation, conv.groups, x.shape)
+        return packed, b, finite_bounds.weight_bounds(w, b)
 
-    w, b = _fold.cached(conv, bn, "mkldnn", pack, extra=(tuple(x.shape),))
-    args = (conv.padding, conv.stride, conv.dilation, conv.groups, "relu" if relu else None)
+    w, b, (w_norm, b_max) = _fold.cached(conv, bn, "mkldnn", pack, extra=(tuple(x.shape),))
+    # oneDNN's ReLU post-op maps NaN to 0: it is used only where no value can
+    # be NaN (finite_bounds.py), else the ReLU runs after the bare conv.
+    pre = finite_bounds.pre_activation(x, residual, w_norm, b_max)
+    exact_relu = pre < finite_bounds.NO_OVERFLOW
+    args = (conv.padding, conv.stride, conv.dilation, conv.groups, "relu" if relu and exact_relu else None)
     if residual is None:
-        return _compat.mkldnn_conv(x, w, b, *args)
-    fmt = _suggest_format(x)
-    if residual_owned and _can_accumulate_into(residual, x, fmt):
-        # oneDNN's "sum" post-op: the result is written over the residual,
-        # which nobody else reads (see block_forward); no output allocation,
-        # and one tensor less alive at the block's peak.
-        return _compat.mkldnn_conv_add_(residual, x, w, b, *args)
-    return _compat.mkldnn_conv_add(x, residual.contiguous(memory_format=fmt), w, b, *args)
+        y = _compat.mkldnn_conv(x, w, b, *args)
+    else:
+        fmt = _suggest_format(x)
+        if residual_owned and _can_accumulate_into(residual, x, fmt):
+            # oneDNN's "sum" post-op: the result is written over the residual,
+            # which nobody else reads (see block_forward); no output allocation,
+            # and one tensor less alive at the block's peak.
+            y = _compat.mkldnn_conv_add_(residual, x, w, b, *args)
+        else:
+            y = _compat.mkldnn_conv_add(x, residual.contiguous(memory_format=fmt), w, b, *args)
+    if relu and not exact_relu:
+        y = y.relu_()  # y is this unit's own output (or the residual it may overwrite)
+    finite_bounds.record(y, pre if exact_relu else math.inf)
+    return y
 
 
 def _can_accumulate_into(residual: torch.Tensor, x: torch.Tensor, fmt: torch.memory_format) -> bool:
@@ -189,7 +211,7 @@ def _moments_from_sums(s: torch.Tensor, ss: torch.Tensor, count: int) -> tuple[t
     return mean, (ss.double() / count - mean * mean).clamp_min(0)
 
 
-def _stats_from_sums(z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor,
+def stats_from_sums(z: torch.Tensor, s: torch.Tensor, ss: torch.Tensor,
                      shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch_mean, batch_var) for ops.batch_norm_act from a conv's per-channel
     sum `s` and sum of squares `ss` of its raw output over N, H, W (z's
@@ -235,7 +257,7 @@ def _prologue_block_usable(block: nn.Module, x: torch.Tensor, backend: str) -> b
             or x.shape[0] == 0):
         return False
     pairs = _unit_pairs(block)
-    if any(type(bn) is not nn.BatchNorm2d or not _uses_batch_stats(bn) or conv.bias is not None
+    if any(type(bn) is not nn.BatchNorm2d or not uses_batch_stats(bn) or conv.bias is not None
            for conv, bn in pairs):
         return False
     return not torch.is_autocast_enabled(x.device.type)
@@ -255,11 +277,18 @@ def _prologue_params(bn: nn.BatchNorm2d, z: torch.Tensor, s: torch.Tensor, ss: t
     the running statistics are updated with PyTorch's rules (bn_finalize).
     Batch variance E[z^2] - E[z]^2 in fp64 from the fp32 sums, as every
     statistics-from-epilogue path here."""
+    _check_batch_values(z)
     count = z.numel() // z.shape[1]
-    if count <= 1:  # F.batch_norm's check and text
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
     mean, var = _moments_from_sums(s, ss, count)
-    acc = ops.reference.stat_dtype(z.dtype)
+    return _prologue_scale_shift(bn, mean, var, count, ops.reference.stat_dtype(z.dtype))
+
+
+def _prologue_scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int, acc: torch.dtype):
+    """(scale, shift) of a batch-statistics bn from the batch mean and biased
+    variance over `count` values per channel, differentiable in both and in
+    bn's weight and bias; the running statistics are updated with PyTorch's
+    rules (bn_finalize)."""
+    mean, var = mean.double(), var.double()
     if bn.training and bn.running_mean is not None:
         with torch.no_grad():
             ops.bn_finalize(mean.to(acc), var.to(acc), count, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -271,6 +300,33 @@ def _prologue_params(bn: nn.BatchNorm2d, z: torch.Tensor, s: torch.Tensor, ss: t
     if bn.bias is not None:
         shift = shift + bn.bias.double()
     return scale.to(acc), shift.to(acc)
+
+
+def prologue_conv_usable(bn: nn.Module, conv: nn.Module, x: torch.Tensor, backend: str) -> bool:
+    """Whether conv(relu(bn(x))) can run as one prologue conv (a chain that
+    fuse() found): the "prologue" switch, the triton backend, a plain
+    nn.BatchNorm2d using batch statistics, a bias-free conv, no autocast, a
+    non-empty 4-D float batch."""
+    return (FUSIONS.get("prologue", False) and backend == "triton" and type(bn) is nn.BatchNorm2d
+            and uses_batch_stats(bn) and is_plain_conv(conv) and conv.bias is None and x.dim() == 4
+            and x.is_floating_point() and x.shape[0] > 0 and not torch.is_autocast_enabled(x.device.type))
+
+
+def prologue_conv(bn: nn.Module, conv: nn.Module, x: torch.Tensor, backend: str):
+    """(z, sum, sumsq): z = conv(relu(bn(x))) with bn in the conv's prologue
+    (bn's batch statistics from one bn_stats pass over x, differentiable),
+    and the per-channel sums of z for the next BatchNorm."""
+    _check_batch_values(x)
+    mean, var = ops.bn_stats(x, backend=backend)
+    count = x.numel() // x.shape[1]
+    pre_scale, pre_shift = _prologue_scale_shift(bn, mean, var, count, ops.reference.stat_dtype(x.dtype))
+    return ops.conv2d_prologue_bn_act(x, pre_scale, pre_shift, conv.weight, None, None, None, False, conv.stride,
+                                      conv.padding, conv.dilation, conv.groups, True, backend=backend)
+
+
+def _check_batch_values(z: torch.Tensor) -> None:
+    if z.numel() // max(z.shape[1], 1) <= 1:  # F.batch_norm's check and text
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.size()}")
 
 
 def _prologue_block(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -289,7 +345,7 @@ def _prologue_block(block: nn.Module, x: torch.Tensor, backend: str) -> torch.Te
                                               backend=backend)
         bn = next_bn
     identity = _shortcut(block, x, backend)
-    mean, var = _stats_from_sums(z, s, ss)
+    mean, var = stats_from_sums(z, s, ss)
     return _bn_act(bn, z, identity, True, backend, mean, var)
 
 
@@ -303,16 +359,28 @@ def _train_unit(conv, bn, x, residual, relu, backend):
             True, backend=backend,
         )
         # The epilogue sums the raw conv output, before the shift (conv bias).
-        batch_mean, batch_var = _stats_from_sums(z, s, ss, conv.bias)
+        batch_mean, batch_var = stats_from_sums(z, s, ss, conv.bias)
     elif genstats is not None:
         from ..ops import cudnn_conv
 
         z, s, ss = cudnn_conv.conv_genstats(
             *genstats, None, None, False, conv.stride, conv.padding, conv.dilation, conv.groups)
-        batch_mean, batch_var = _stats_from_sums(z, s, ss)
+        batch_mean, batch_var = stats_from_sums(z, s, ss)
     else:
         z = _conv(conv, x, conv.weight, conv.bias)
     return _bn_act(bn, z, residual, relu, backend, batch_mean, batch_var)
+
+
+def bn_act(bn: nn.Module, z: torch.Tensor, residual: torch.Tensor | None, relu: bool, backend: str,
+           batch_mean: torch.Tensor | None = None, batch_var: torch.Tensor | None = None) -> torch.Tensor:
+    """relu?(bn(z) [+ residual]) in one pass, with the module's rules: batch
+    statistics in training (all-reduced for a synchronised SyncBatchNorm2d),
+    running statistics in eval and for FrozenBatchNorm2d."""
+    if uses_batch_stats(bn):
+        return _bn_act(bn, z, residual, relu, backend, batch_mean, batch_var)
+    rm, rv, weight, bias, eps = _fold.bn_eval_tensors(bn)
+    return ops.batch_norm_act(z, weight, bias, rm, rv, None, training=False, momentum=None, eps=eps,
+                              residual=residual, relu=relu, backend=backend)
 
 
 def _bn_act(bn, z, residual, relu, backend, batch_mean=None, batch_var=None):
@@ -355,7 +423,7 @@ def unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
     if not x.is_floating_point():
         raise TypeError(f"fused_resnet: the input must be a floating-point tensor, got {x.dtype}")
-    if _uses_batch_stats(bn):
+    if uses_batch_stats(bn):
         return _train_unit(conv, bn, x, residual, relu, backend)
     return _eval_unit(conv, bn, x, residual, relu, backend, residual_owned)
 
@@ -394,7 +462,7 @@ def _shortcut_gemm_usable(block: nn.Module, conv: nn.Module, bn: nn.Module, out:
     if not FUSIONS.get("shortcut_gemm", False) or backend != "triton" or ds is None:
         return False
     dconv, dbn = ds[0], ds[1]
-    if _uses_batch_stats(bn) or _uses_batch_stats(dbn):
+    if uses_batch_stats(bn) or uses_batch_stats(dbn):
         return False
     if (tuple(dconv.kernel_size) != (1, 1) or dconv.padding not in ((0, 0), "valid")
             or tuple(dconv.dilation) != (1, 1) or dconv.groups != 1):
@@ -441,6 +509,7 @@ def block_forward(block: nn.Module, x: torch.Tensor, backend: str, input_owned: 
         return block.reference_forward(x)
     if _prologue_block_usable(block, x, backend):
         return _prologue_block(block, x, backend)
+    finite_bounds.new_scope()
     out = unit(block.conv1, block.bn1, x, None, True, backend)
     if hasattr(block, "conv3"):
         out = unit(block.conv2, block.bn2, out, None, True, backend)
@@ -496,11 +565,14 @@ def pool_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tenso
             or _compat.global_forward_hooks_registered()
             or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
         return mp(x)
-    return ops.max_pool2d(x, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode, backend=backend)
+    y = ops.max_pool2d(x, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode, backend=backend)
+    finite_bounds.carry(x, y)  # a max pool's values are some of its input's
+    return y
 
 
 def stem_forward(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """conv1 -> bn1 -> relu of a ResNet on `backend`."""
     if not (unit_supported(model.conv1, model.bn1) and isinstance(model.relu, nn.ReLU)):
         return model.relu(model.bn1(model.conv1(x)))
+    finite_bounds.new_scope()
     return unit(model.conv1, model.bn1, x, None, True, backend)

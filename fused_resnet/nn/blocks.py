@@ -30,9 +30,15 @@ class _FusedBlockMixin:
     """Backend choice shared by the fused blocks.
 
     `backend` is None (follow fused_resnet.set_backend / $FUSED_RESNET_BACKEND)
-    or a name validated when set. It is not part of the state_dict."""
+    or a name validated when set. It is not part of the state_dict.
 
-    _backend_choice: str | None = None
+    torch.jit.script compiles reference_forward (torchvision's forward, op
+    for op) as the block's forward: the fused path is Python dispatch that
+    TorchScript cannot compile, so a scripted model runs eager ops."""
+
+    __jit_unused_properties__ = ["backend"]
+    __jit_ignored_attributes__ = ["_backend_choice"]
+    _backend_choice = None
 
     @property
     def backend(self) -> str | None:
@@ -52,10 +58,17 @@ class _FusedBlockMixin:
         return block_paths.block_forward(self, x, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.reference_forward(x)
+        return self._fused_or_fx_forward(x)
+
+    @torch.jit.unused
+    def _fused_or_fx_forward(self, x: torch.Tensor) -> torch.Tensor:
         if fx_tracing.symbolic_tracing():
             return fx_tracing.fused_block(self, x)
         return self._forward_untraced(x)
 
+    @torch.jit.unused
     def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.resolved_backend(x)
         if backend == "reference":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from . import timm_blocks
+from . import swapped, timm_blocks
 from .blocks import FusedBasicBlock, FusedBottleneck
 
 _BASIC_ATTRS = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
@@ -41,16 +41,24 @@ def _swap_block(m: nn.Module, cls: type[nn.Module], backend: str | None) -> nn.M
     return new
 
 
-class _FusedStemMixin:
+class _FusedStemMixin(swapped.PicklableSwap):
     """Mixed into a converted torchvision ResNet's class so its stem
-    (conv1 -> bn1 -> relu) runs fused too; isinstance checks still hold."""
+    (conv1 -> bn1 -> relu) runs fused too; isinstance checks still hold
+    (see swapped.py for pickling and scripting)."""
 
-    _backend_choice: str | None = None
+    __jit_ignored_attributes__ = ["_backend_choice"]
+    _backend_choice = None
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._library_forward_impl(x)
+        return self._fused_forward_impl(x)
+
+    @torch.jit.unused
+    def _fused_forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         from .resnet import ResNet
 
-        return ResNet._forward_impl(self, x)
+        return ResNet._fused_forward_impl(self, x)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         from .resnet import ResNet
@@ -68,21 +76,15 @@ class _FusedStemMixin:
         return ResNet._layers(self, held, model_input)
 
 
-_stem_classes: dict[type, type] = {}
-
-
 def _with_fused_stem(model: nn.Module, backend: str | None) -> None:
-    base = type(model)
     if isinstance(model, _FusedStemMixin):
         model._backend_choice = backend
         return
-    if base.__name__ != "ResNet" or not all(
+    if type(model).__name__ != "ResNet" or not all(
         hasattr(model, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc")
     ):
         return
-    if base not in _stem_classes:
-        _stem_classes[base] = type(base.__name__, (_FusedStemMixin, base), {"__module__": base.__module__})
-    model.__class__ = _stem_classes[base]
+    swapped.swap_class(model, _FusedStemMixin)
     model._backend_choice = backend
 
 

@@ -1,37 +1,38 @@
 """BatchNorm folded into the conv before it, for eval-mode units, cached.
 
-The cache lives on the BN module as a plain attribute (not a buffer, so the
-state_dict is untouched) and is keyed on the identity (data pointer) and
-version counter of every tensor the fold reads, so load_state_dict, optimizer
-steps and in-place edits under torch.no_grad() all invalidate it: a train
-step followed by eval never sees a stale fold. (Edits through `.data` bypass
-PyTorch's version counters, as they bypass autograd's checks too.)
+The cache of each BN module is held beside it, in a dictionary weakly keyed
+on the module (its entries go when the module goes), never in the module
+itself: the module's state, pickles, deep copies and TorchScript see nothing
+of it, and a copy folds afresh. Entries are keyed on the identity (data
+pointer) and version counter of every tensor the fold reads, so
+load_state_dict, optimizer steps and in-place edits under torch.no_grad()
+all invalidate them: a train step followed by eval never sees a stale fold.
+(Edits through `.data` bypass PyTorch's version counters, as they bypass
+autograd's checks too.)
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch import nn
 
+from .. import _compat
 from ..ops import reference
 
-_CACHE_ATTR = "_fused_resnet_fold_cache"
 _MAX_ENTRIES = 4
 _lock = threading.Lock()
+# BN module -> {key: value}; a module's dict is replaced whole under _lock,
+# never mutated, so readers need no lock.
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class _Cache(dict):
-    """A fold cache that copies and pickles as empty: a deep-copied or
-    unpickled module has new tensors (and oneDNN's packed weights cannot be
-    copied at all), so it folds afresh."""
-
-    def __deepcopy__(self, memo):
-        return _Cache()
-
-    def __reduce__(self):
-        return (_Cache, ())
+def entries(bn: nn.Module) -> dict:
+    """The cached folds of a BN module (a read-only view, for tests and
+    diagnostics)."""
+    return dict(_caches.get(bn) or {})
 
 
 def bn_eval_tensors(bn: nn.Module):
@@ -43,7 +44,7 @@ def bn_eval_tensors(bn: nn.Module):
 def _key(tensors, extra) -> tuple:
     parts = []
     for t in tensors:
-        parts.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
+        parts.append(None if t is None else (t.data_ptr(), _compat.version_counter(t), t.dtype, t.device))
     return tuple(parts) + tuple(extra)
 
 
@@ -84,19 +85,21 @@ def cached(conv: nn.Conv2d, bn: nn.Module, kind: str, make, extra=()):
     """Return make() cached under (kind, extra, versions of every input).
 
     Not cached while autograd must see the fold (frozen BN being trained
-    through) or while torch.compile traces (it folds constants itself)."""
-    if needs_grad(conv, bn) or torch.compiler.is_compiling():
+    through), while torch.compile traces (it folds constants itself) or
+    while torch.jit.trace records (the fold then belongs in the graph, so
+    the traced module follows its own parameters)."""
+    if needs_grad(conv, bn) or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return make()
     rm, rv, g, b, _ = bn_eval_tensors(bn)
     key = (kind,) + _key((conv.weight, conv.bias, rm, rv, g, b), extra) + (float(bn.eps),)
-    cache = bn.__dict__.get(_CACHE_ATTR)
+    cache = _caches.get(bn)
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
     value = make()
     with _lock:
-        cache = _Cache(bn.__dict__.get(_CACHE_ATTR) or {})
+        cache = dict(_caches.get(bn) or {})
         # Drop entries of older versions of the same tensors, keep a few
         # shapes/dtypes side by side.
         stale = [k for k in cache if k[0] == kind and k[1:7] != key[1:7]]
@@ -105,11 +108,12 @@ def cached(conv: nn.Conv2d, bn: nn.Module, kind: str, make, extra=()):
         while len(cache) >= _MAX_ENTRIES:
             cache.pop(next(iter(cache)))
         cache[key] = value
-        bn.__dict__[_CACHE_ATTR] = cache
+        _caches[bn] = cache
     return value
 
 
 def clear(model: nn.Module) -> None:
     """Drop every cached fold in model."""
-    for m in model.modules():
-        m.__dict__.pop(_CACHE_ATTR, None)
+    with _lock:
+        for m in model.modules():
+            _caches.pop(m, None)

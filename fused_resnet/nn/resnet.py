@@ -35,7 +35,11 @@ class ResNet(nn.Module):
     """torchvision.models.ResNet with fused residual blocks and a fused stem.
 
     Args are torchvision's, plus `backend` (None = the global choice; see
-    fused_resnet.set_backend)."""
+    fused_resnet.set_backend). Under torch.jit.script the model compiles to
+    torchvision's forward (eager ops; see FusedBasicBlock)."""
+
+    __jit_unused_properties__ = ["backend"]
+    __jit_ignored_attributes__ = ["_backend_choice", "_norm_layer"]
 
     def __init__(
         self,
@@ -159,6 +163,27 @@ class ResNet(nn.Module):
         return block_paths.stem_forward(self, x, backend)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._eager_forward_impl(x)
+        return self._fused_forward_impl(x)
+
+    def _eager_forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's ResNet._forward_impl, op for op (what TorchScript compiles)."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+    @torch.jit.unused
+    def _fused_forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         from . import fx_tracing
 
         if fx_tracing.symbolic_tracing():

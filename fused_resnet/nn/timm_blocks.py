@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from .. import _backend
-from . import fx_tracing
+from . import finite_bounds, fx_tracing, swapped
 
 
 def _is_timm_block(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("timm.") and type(m).__name__ in ("BasicBlock", "Bottleneck")
+    # timm.models.resnet's own blocks: other timm families (regnet, ...) have
+    # classes of the same names with other children.
+    return type(m).__module__ == "timm.models.resnet" and type(m).__name__ in ("BasicBlock", "Bottleneck")
 
 
 def _inactive(m: nn.Module | None) -> bool:
@@ -45,23 +47,33 @@ def fusable(block: nn.Module) -> bool:
     )
 
 
-class _FusedTimmBlock:
-    """Mixed in front of timm's block class; see the module docstring."""
+class _FusedTimmBlock(swapped.PicklableSwap):
+    """Mixed in front of timm's block class; see the module docstring (and
+    swapped.py for pickling and scripting)."""
 
-    _backend_choice: str | None = None
+    __jit_ignored_attributes__ = ["_backend_choice"]
+    _backend_choice = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._library_forward(x)
+        return self._fused_or_fx_forward(x)
+
+    @torch.jit.unused
+    def _fused_or_fx_forward(self, x: torch.Tensor) -> torch.Tensor:
         if fx_tracing.symbolic_tracing():
             return fx_tracing.fused_block(self, x)
         return self._forward_untraced(x)
 
+    @torch.jit.unused
     def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
         from . import block_paths
 
         backend = _backend.resolve(self._backend_choice, x.device)
         if backend == "reference" or not fusable(self):
-            return super().forward(x)
+            return self._library_forward(x)
         unit = block_paths.unit
+        finite_bounds.new_scope()
         if hasattr(self, "conv3"):
             out = unit(self.conv1, self.bn1, x, None, True, backend)
             out = unit(self.conv2, self.bn2, out, None, True, backend)
@@ -73,9 +85,6 @@ class _FusedTimmBlock:
         return unit(last[0], last[1], out, shortcut, True, backend)
 
 
-_classes: dict[type, type] = {}
-
-
 def try_convert(block: nn.Module, backend: str | None) -> bool:
     """Fuse a timm block in place; False if it is not one we can fuse exactly."""
     if isinstance(block, _FusedTimmBlock):
@@ -83,10 +92,6 @@ def try_convert(block: nn.Module, backend: str | None) -> bool:
         return True
     if not (_is_timm_block(block) and fusable(block)):
         return False
-    base = type(block)
-    if base not in _classes:
-        # Same name and module, so repr and the convert() warning read as timm's.
-        _classes[base] = type(base.__name__, (_FusedTimmBlock, base), {"__module__": base.__module__})
-    block.__class__ = _classes[base]
+    swapped.swap_class(block, _FusedTimmBlock)
     block._backend_choice = backend
     return True

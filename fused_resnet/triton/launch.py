@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
 import triton
 
-from .. import _conv_args
+from .. import _compat, _conv_args
 from . import autotune_cache, conv_configs
 from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_dgrad_prologue_kernel,
                          conv2d_fwd_kernel, conv2d_fwd_prologue_kernel, conv2d_fwd_shortcut_kernel)
@@ -33,9 +34,16 @@ def interpreter_on() -> bool:
 
 # ---------------------------------------------------------------- weights
 
+# Each weight's prepared layout, keyed on the weight tensor's identity and
+# held only while the weight lives: the entry holds a weak reference to the
+# weight, whose death drops the entry (and frees the layout) at once, so a
+# freed model's layouts never linger and a new tensor that reuses a dead
+# one's id() can never be served its layout. At most _WEIGHT_CACHE_SIZE
+# entries, least recently used first out.
 _WEIGHT_CACHE_SIZE = 256
-_weight_cache: OrderedDict = OrderedDict()
+_weight_cache: OrderedDict = OrderedDict()  # (id, groups, kind) -> (ref, data_ptr, version, prepared)
 _weight_lock = threading.Lock()
+_dead_keys: list = []  # keys of dead weights not yet dropped (their callback found the lock taken)
 
 
 def _weight_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -57,29 +65,61 @@ def _dgrad_weight_layout(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return _weight_layout(wt.reshape(groups * cin_g, cout_g, kh, kw), groups)
 
 
+def _drop_dead_keys() -> None:
+    # Under _weight_lock.
+    while _dead_keys:
+        key, ref = _dead_keys.pop()
+        entry = _weight_cache.get(key)
+        if entry is not None and entry[0] is ref:
+            del _weight_cache[key]
+
+
+def _on_weight_death(key):
+    def callback(ref) -> None:
+        _dead_keys.append((key, ref))
+        # The garbage collector may run this inside a cache operation of
+        # this very thread: then the next operation drops the entry instead.
+        if _weight_lock.acquire(blocking=False):
+            try:
+                _drop_dead_keys()
+            finally:
+                _weight_lock.release()
+
+    return callback
+
+
 def _cached_layout(weight: torch.Tensor, groups: int, kind: str, layout) -> torch.Tensor:
     key = (id(weight), groups, kind)
     with _weight_lock:
+        _drop_dead_keys()
         hit = _weight_cache.get(key)
         if hit is not None:
-            src, ptr, version, prepared = hit
-            if src is weight and ptr == weight.data_ptr() and version == weight._version:
+            ref, ptr, version, prepared = hit
+            if ref() is weight and ptr == weight.data_ptr() and version == _compat.version_counter(weight):
                 _weight_cache.move_to_end(key)
                 return prepared
     prepared = layout(weight, groups)
+    ref = weakref.ref(weight, _on_weight_death(key))
     with _weight_lock:
-        _weight_cache[key] = (weight, weight.data_ptr(), weight._version, prepared)
+        _drop_dead_keys()
+        _weight_cache[key] = (ref, weight.data_ptr(), _compat.version_counter(weight), prepared)
         while len(_weight_cache) > _WEIGHT_CACHE_SIZE:
             _weight_cache.popitem(last=False)
     return prepared
 
 
+def weight_cache_size() -> int:
+    """How many prepared weight layouts are cached (for tests and diagnostics)."""
+    with _weight_lock:
+        _drop_dead_keys()
+        return len(_weight_cache)
+
+
 def prepare_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Weights as (groups, KH*KW*Cin_g, Cout_g), contiguous, cached per weight
-    tensor. The entry holds the weight itself, so its storage cannot be freed
-    and reused under the same pointer; it is valid while the tensor, its
-    storage and its version counter (bumped by every in-place update, e.g. an
-    optimizer step) are unchanged."""
+    tensor while it lives (see _weight_cache): valid while the tensor, its
+    storage and its version counter (bumped by every in-place update, e.g.
+    an optimizer step) are unchanged."""
     return _cached_layout(weight, groups, "fwd", _weight_layout)
 
 
@@ -92,6 +132,7 @@ def prepare_dgrad_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 def clear_weight_cache() -> None:
     with _weight_lock:
         _weight_cache.clear()
+        _dead_keys.clear()
 
 
 # ---------------------------------------------------------------- configs
