@@ -17,6 +17,7 @@ from . import ops
 from .ops.batch_norm_act import relu_saves, set_relu_saves
 from .fusions import get_fusions, set_fusions
 from .optimize import optimize
+from .fuse import FuseReport, fuse, fuse_report
 from .cpu_cache import cpu_cache_stats, empty_cpu_cache, reset_cpu_cache_counters, set_cpu_cache_limit
 from .nn import (
     MODEL_BUILDERS,
@@ -53,6 +54,9 @@ __all__ = [
     "set_fusions",
     "get_fusions",
     "optimize",
+    "fuse",
+    "fuse_report",
+    "FuseReport",
     "cpu_cache_stats",
     "empty_cpu_cache",
     "reset_cpu_cache_counters",

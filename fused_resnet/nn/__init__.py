@@ -2,6 +2,7 @@
 builders and convert()."""
 
 from .blocks import FusedBasicBlock, FusedBottleneck, conv1x1, conv3x3
+from .composable import ConvBNAct, PreActBlock, ResidualBlock
 from .convert import convert
 from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .resnet import (
@@ -20,6 +21,9 @@ from .resnet import (
 )
 
 __all__ = [
+    "ConvBNAct",
+    "PreActBlock",
+    "ResidualBlock",
     "FusedBasicBlock",
     "FusedBottleneck",
     "conv1x1",

@@ -1,0 +1,99 @@
+"""The calls of fused chains, for graphs fuse() rewrites and for the
+composable modules: relu?(bn(conv(x)) [+ residual]) and relu?(bn(z) [+
+residual]) on the resolved backend, each with eager's semantics wherever
+the fused path cannot take its operands (a residual that broadcasts, a
+module swapped for another kind after fusing)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from .. import _backend, _conv_args, ops
+from . import block_paths
+
+__all__ = ["run_unit", "run_bn_act", "run_add_relu", "timm_bn_act"]
+
+
+def _choice(owner_backend: str | None, x: torch.Tensor) -> str:
+    return _backend.resolve(owner_backend, x.device)
+
+
+def _residual_fits(residual, shape: torch.Size) -> bool:
+    return isinstance(residual, torch.Tensor) and residual.shape == shape
+
+
+def timm_bn_act(m: nn.Module) -> bool | None:
+    """timm's BatchNormAct2d (a BatchNorm2d with its activation inside): True
+    (ends in a ReLU), False (no activation), None (anything else)."""
+    if type(m).__name__ != "BatchNormAct2d" or not type(m).__module__.startswith("timm."):
+        return None
+    if not isinstance(m, nn.BatchNorm2d) or type(getattr(m, "drop", None)) is not nn.Identity:
+        return None
+    act = getattr(m, "act", None)
+    if type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks):
+        return True
+    return False if type(act) is nn.Identity else None
+
+
+def fusable_bn(bn: nn.Module) -> bool:
+    """A BatchNorm the chains fuse: block_paths' kinds and timm's BatchNormAct2d."""
+    return block_paths.bn_supported(bn) or timm_bn_act(bn) is not None
+
+
+def run_unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual, relu: bool, prologue: nn.Module | None,
+             backend: str | None) -> torch.Tensor:
+    """relu?(bn(conv(prologue(x))) [+ residual]), prologue = BN + ReLU."""
+    chosen = _choice(backend, x)
+    if chosen == "reference" or not (fusable_bn(bn) and block_paths.is_plain_conv(conv)):
+        if prologue is not None:
+            x = run_bn_act(prologue, x, None, True, backend)
+        return _eager_tail(bn(conv(x)), residual, relu)
+    if prologue is not None:
+        if block_paths.prologue_conv_usable(prologue, conv, x, chosen):
+            z, s, ss = block_paths.prologue_conv(prologue, conv, x, chosen)
+            stats = block_paths.stats_from_sums(z, s, ss) if block_paths.uses_batch_stats(bn) else (None, None)
+            return _bn_tail(bn, z, residual, relu, chosen, *stats)
+        x = run_bn_act(prologue, x, None, True, backend)
+    if residual is not None and not _residual_fits(residual, _conv_out_shape(conv, x)):
+        return _eager_tail(block_paths.unit(conv, bn, x, None, False, chosen), residual, relu)
+    return block_paths.unit(conv, bn, x, residual, relu, chosen)
+
+
+def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> torch.Size:
+    oh, ow = _conv_args.out_hw(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    return torch.Size((x.shape[0], conv.out_channels, oh, ow))
+
+
+def _bn_tail(bn, z, residual, relu, chosen, batch_mean=None, batch_var=None):
+    if residual is not None and not _residual_fits(residual, z.shape):
+        return _eager_tail(block_paths.bn_act(bn, z, None, False, chosen, batch_mean, batch_var), residual, relu)
+    return block_paths.bn_act(bn, z, residual, relu, chosen, batch_mean, batch_var)
+
+
+def _eager_tail(y, residual, relu):
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def run_bn_act(bn: nn.Module, z: torch.Tensor, residual, relu: bool, backend: str | None) -> torch.Tensor:
+    """relu?(bn(z) [+ residual]) in one pass."""
+    chosen = _choice(backend, z)
+    if chosen == "reference" or not fusable_bn(bn) or not isinstance(z, torch.Tensor) or z.dim() != 4:
+        return _eager_tail(bn(z), residual, relu)
+    return _bn_tail(bn, z, residual, relu, chosen)
+
+
+def run_add_relu(a, b, backend: str | None):
+    """relu(a + b), one pass where both are tensors of one shape and dtype."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and a.is_floating_point()):
+        return ops.add_relu(a, b, backend=_choice(backend, a))
+    return torch.relu(a + b)
+
+
+torch.fx.wrap("run_unit")
+torch.fx.wrap("run_bn_act")
+torch.fx.wrap("run_add_relu")
