@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fused_resnet-installed
 # The dependencies pip installs before building the extension against them.
 BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy nvidia-cudnn-frontend
 
-.PHONY: bench test test-oldest build build-oldest setup setup-oldest info verify gpu-check clean
+.PHONY: bench test test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels clean
 
 bench: build
 	$(VENV)/bin/fused-resnet bench
@@ -65,14 +65,36 @@ build-oldest: setup-oldest
 test-oldest: build-oldest
 	$(OLDEST_VENV)/bin/python -m pytest tests -q -k "$(OLDEST_SKIP)"
 
-# For the GPU machine (torch preinstalled, no package registry): see
-# benchmarks/README.md for the steps one by one.
-# GPU_CHECK passes options, e.g. GPU_CHECK="--only build,cuda-tests" (one
-# device command is limited to 10 minutes; see benchmarks/README.md).
+# For the GPU machine (torch preinstalled, no package registry): one prepared
+# command per lease, see benchmarks/README.md for the device call. GPU_CHECK
+# passes options: a profile (--lease, the default; --full; --rehearsal),
+# --plan (the steps with their estimated seconds), --only / --skip STEPS.
 GPU_CHECK ?=
 gpu-check:
-	FUSED_RESNET_NO_EXT=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) -m fused_resnet.gpu_check $(GPU_CHECK)
+
+# Every wheel the GPU machine lacks, for its Python (3.12, manylinux x86-64),
+# into .whl/ (git-ignored), which the device call carries and gpu-check
+# installs first. The cuDNN frontend's C++ headers build the cudnn backend;
+# its Requires-Dist (nvidia-cutlass-dsl, apache-tvm-ffi) serve only its own
+# Python API, which nothing here imports, so they stay behind (--no-deps).
+GPU_WHEELS ?= nvidia-cudnn-frontend==1.32.0
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+# The device call to copy (benchmarks/README.md): the GPU machine gets the
+# working tree without .git, so the command names the commit it runs.
+GPU_COMMIT = $(shell git rev-parse HEAD)$(if $(shell git status --porcelain --untracked-files=no),-dirty)
+gpu-call:
+	@echo 'command:   FUSED_RESNET_GIT_COMMIT=$(GPU_COMMIT) python3 -m fused_resnet.gpu_check --lease'
+	@echo 'carry:     [".whl"]'
+	@echo 'timeout_s: 600'
+	@test -n "$$(ls .whl/*.whl 2>/dev/null)" || echo 'warning: .whl/ is empty: run make gpu-wheels first'
+
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	ls -l .whl
 
 clean:
 	rm -rf build fused_resnet/_C*.so

@@ -1,4 +1,4 @@
-"""The `fused-resnet` command: info | verify | bench | roofline."""
+"""The `fused-resnet` command: info | verify | bench | layers | roofline."""
 
 from __future__ import annotations
 
@@ -76,6 +76,34 @@ def _non_negative(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"--warmup must be >= 0, got {v}")
     return v
+
+
+def parse_budgets(text: str | None, option: str = "--budget") -> dict[str, float] | None:
+    """"SECONDS" (every provider) or "name=SECONDS,...[,SECONDS]" (the bare
+    number for the providers not named) -> {name or "*": seconds}."""
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.rpartition("=")
+        key = name.strip() if sep else "*"
+        if sep and not key:
+            raise ValueError(f"{option}: {item!r} names no provider (expected name=SECONDS)")
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{option}: {value.strip()!r} in {item!r} is not a number of seconds") from None
+        if not seconds >= 0:
+            raise ValueError(f"{option}: seconds must be >= 0, got {value.strip()!r} in {item!r}")
+        if key in out:
+            raise ValueError(f"{option}: {'the default' if key == '*' else repr(key)} is given twice")
+        out[key] = seconds
+    if not out:
+        raise ValueError(f"{option} is empty")
+    return out
 
 
 def _resolve_common(parser: argparse.ArgumentParser, args: argparse.Namespace, what: str):
@@ -181,6 +209,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         names = parse_provider_names(args.providers)
     except ValueError as exc:
         parser.error(f"--providers: {exc}")
+    try:
+        budgets = parse_budgets(args.budget)
+        layer_budgets = parse_budgets(args.layer_budget, "--layer-budget")
+    except ValueError as exc:
+        parser.error(str(exc))
+    from .bench.providers import ALL_PROVIDERS
+
+    unknown = sorted(set(budgets or {}) - set(ALL_PROVIDERS) - {"*"})
+    if unknown:
+        parser.error(f"--budget: unknown provider {unknown[0]!r}; expected one of {', '.join(ALL_PROVIDERS)}")
     cfg = BenchConfig(
         model=args.model or d["model"], batch_size=args.batch_size or d["batch_size"],
         image_size=args.image_size or d["image_size"], dtype=dtype or d["dtype"], device=device,
@@ -188,8 +226,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
         channels_last=not args.contiguous, providers=names, measure_memory=not args.no_memory,
         compile_mode=args.compile_mode, relu_saves=args.relu_saves, interleave=not args.sequential,
+        budgets=budgets, layers=args.layers, layer_budgets=layer_budgets,
     )
-    result = run_bench(cfg, progress=not args.quiet)
+    # With --json the file holds every final row as soon as it exists, so a
+    # run killed by an outer time limit keeps what it measured.
+    on_update = (lambda partial: report.write_json(partial, args.json)) if args.json else None
+    result = run_bench(cfg, progress=not args.quiet, on_update=on_update)
     if args.roofline:
         from .bench.roofline import roofline
 
@@ -198,6 +240,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result["roofline"] = roofline(cfg.model, cfg.batch_size, cfg.image_size, cfg.torch_dtype, device,
                                       channels_last=cfg.channels_last, network_images_per_s=net)
     print(report.format_table(result))
+    if result.get("layers"):
+        from .bench.layers import format_layers
+
+        print()
+        print(format_layers(result["layers"]))
     if args.roofline:
         from .bench.roofline import format_roofline
 
@@ -210,6 +257,49 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         why = report.write_plot(result, args.plot)
         print(f"wrote {args.plot}" if why is None else f"no chart: {why}")
     return 1 if failed(result) else 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _backend
+    from .bench import report
+    from .bench.auto_choice import derive, format_choice
+    from .bench.layers import EAGER, MODES, LayersConfig, format_layers, run_layers
+    from .bench.runner import defaults_for
+
+    parser = args.parser
+    device, dtype = _resolve_common(parser, args, "layers")
+    d = defaults_for(device)
+    if args.backends:
+        backends = [b.strip().lower() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in backends if b not in _backend.BACKENDS and b != EAGER]
+        if unknown or not backends:
+            parser.error(f"--backends: unknown backend {unknown[0] if unknown else '(none)'!r}; expected "
+                         f"{', '.join(_backend.BACKENDS)}")
+    else:
+        backends = [b for b in ("cpu", "cuda", "cudnn", "triton") if _backend.resolve(b, torch.device(device)) == b]
+    try:
+        budgets = parse_budgets(args.budget)
+    except ValueError as exc:
+        parser.error(str(exc))
+    cfg = LayersConfig(model=args.model or d["model"], batch_size=args.batch_size or d["batch_size"],
+                       image_size=args.image_size or d["image_size"], dtype=dtype or d["dtype"], device=device,
+                       backends=tuple(backends), modes=MODES if args.mode == "both" else (args.mode,),
+                       steps=args.steps, warmup=args.warmup, channels_last=not args.contiguous, budgets=budgets)
+    on_update = (lambda partial: report.write_json(partial, args.json)) if args.json else None
+    rec = run_layers(cfg, on_update=on_update, progress=not args.quiet)
+    print(format_layers(rec))
+    choice = derive(rec)
+    print()
+    print(format_choice(choice))
+    if args.json:
+        report.write_json(rec, args.json)
+        print(f"wrote {args.json}")
+    if args.auto_choice:
+        report.write_json(choice, args.auto_choice)
+        print(f"wrote {args.auto_choice}")
+    return 0
 
 
 def _cmd_roofline(args: argparse.Namespace) -> int:
@@ -263,25 +353,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, batch_default=None, image_default=None)
     p.add_argument("--mode", choices=("inference", "train", "both"), default="both")
     p.add_argument("--providers", help="comma-separated: eager, channels_last, amp, compile, fused-cpu, "
-                                       "fused-cuda, fused-cudnn, fused-triton, or fused (all fused); default all")
+                                       "fused-cuda, fused-cudnn, fused-triton, fused-triton+prologue (training "
+                                       "only), or fused (the four backends); default all")
     p.add_argument("--steps", type=_positive("--steps"), help="timed steps (default: 5 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=_non_negative, help="warm-up steps, the first call included (default 2 / 5)")
     p.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last for non-eager providers")
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory step")
     p.add_argument("--sequential", action="store_true",
-                   help="time each provider's steps back to back (default: in rounds, one step of every "
-                        "provider per round, so drift in the machine's speed hits all alike)")
+                   help="build, time and finish each provider before the next (its row is final, and in "
+                        "--json, at once); default: in rounds, one step of every provider per round, so "
+                        "drift in the machine's speed hits all alike")
+    p.add_argument("--budget", metavar="SPEC",
+                   help="seconds each provider may spend per mode (build, first call, warm-up, timed steps): "
+                        "SECONDS for all, or name=SECONDS,...[,SECONDS for the rest]; a provider that runs out "
+                        "is recorded as 'over budget' with the steps it timed, and the next one runs")
     p.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "max-autotune"), default="auto",
                    help="torch.compile mode for inference (auto: max-autotune on GPU, default on CPU); "
                         "training always uses the default mode")
     p.add_argument("--relu-saves", choices=("mask", "output"), default=None,
                    help="what fused training keeps for the ReLU backward: the output the next conv saves anyway "
                         "(default: no more memory than eager) or a 1-bit mask beside it; see set_relu_saves")
+    p.add_argument("--layers", action="store_true",
+                   help="after each mode's rows, time every conv unit alone on each fused backend that ran, "
+                        "beside eager modules, in this process (see `fused-resnet layers`); printed and in --json")
+    p.add_argument("--layer-budget", metavar="SPEC",
+                   help="seconds per backend and mode for --layers: SECONDS or backend=SECONDS,...[,SECONDS]")
     p.add_argument("--roofline", action="store_true", help="also print the per-conv roofline report")
     p.add_argument("--json", metavar="PATH", help="write every figure, the device and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart of images/s (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench, parser=p)
+
+    p = sub.add_parser("layers", help="every conv unit timed alone per fused backend, by layer class, "
+                                      "with its roofline and the fastest backend per class",
+                       description="Each conv unit of the network (conv + BN [+ residual] [+ ReLU]) at its shape, "
+                                   "timed alone on each backend and with eager modules, keyed by layer class "
+                                   "(mode/role/kernel/stride, see fused_resnet/bench/layers.py); then the "
+                                   "fastest backend per class (fused_resnet/bench/auto_choice.py).")
+    _add_model_args(p, batch_default=None, image_default=None)
+    p.add_argument("--backends", help="comma-separated fused backends (default: every one that runs here)")
+    p.add_argument("--mode", choices=("inference", "train", "both"), default="both")
+    p.add_argument("--steps", type=_positive("--steps"), default=10)
+    p.add_argument("--warmup", type=_non_negative, default=3)
+    p.add_argument("--contiguous", action="store_true")
+    p.add_argument("--budget", metavar="SPEC", help="seconds per backend and mode: SECONDS or "
+                                                    "backend=SECONDS,...[,SECONDS]")
+    p.add_argument("--json", metavar="PATH", help="the per-layer record (written after each layer)")
+    p.add_argument("--auto-choice", metavar="PATH", help="the fastest backend per layer class, as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_layers, parser=p)
 
     p = sub.add_parser("roofline", help="per-conv FLOPs, bytes, time and fraction of the device's peak")
     _add_model_args(p, batch_default=None, image_default=None)

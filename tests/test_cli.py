@@ -186,61 +186,6 @@ def test_plot_is_written(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_gpu_check_refuses_without_gpu_and_rejects_unknown_steps(capsys):
-    from fused_resnet import gpu_check
-
-    assert gpu_check.main(["--list"]) == 0
-    assert capsys.readouterr().out.split() == list(gpu_check.STEPS)
-    with pytest.raises(SystemExit) as exc:
-        gpu_check.main(["--only", "bench-infer,nosuch"])
-    assert exc.value.code != 0 and "unknown step(s) nosuch" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert gpu_check.main(["--only", "info"]) == 2
-        assert "no CUDA GPU is visible" in capsys.readouterr().err
-
-
-def test_gpu_check_runs_spread_over_several_commands_add_to_one_record(tmp_path, monkeypatch, capsys):
-    """Two gpu-check runs the same day (the GPU machine allows 10 minutes a
-    command): the second replaces the steps it ran again and keeps the
-    others; the build step always asks for sm_80 and sm_90."""
-    from fused_resnet import gpu_check
-
-    seen, runs = [], []
-
-    def fake_run(name, cmd, timeout, env=None):
-        seen.append((name, env))
-        runs.append(name)
-        first_info = name == "info" and runs.count("info") == 1  # fails the first time only
-        return {"step": name, "command": cmd, "env": env or {}, "status": "failed (exit 1)" if first_info else "ok",
-                "exit_code": 0, "seconds": 1.0, "output_tail": f"{name} output"}
-
-    monkeypatch.setattr(gpu_check, "_run", fake_run)
-    out = str(tmp_path)
-    assert gpu_check.main(["--allow-no-gpu", "--only", "build,info", "--out-dir", out]) == 1  # info failed
-    assert seen == [("build", {"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}), ("info", None)]
-    seen.clear()
-    assert gpu_check.main(["--allow-no-gpu", "--only", "info,cuda-large", "--out-dir", out]) == 0
-    (json_path,) = tmp_path.glob("*.json")
-    record = json.loads(json_path.read_text())
-    assert [(s["step"], s["status"]) for s in record["steps"]] == [("build", "ok"), ("info", "ok"), ("cuda-large", "ok")]
-    md = json_path.with_suffix(".md").read_text()
-    assert "| build | ok |" in md and "| info | ok |" in md and "failed" not in md
-
-
-def test_merge_records_keeps_earlier_results_and_notes_mixed_commits():
-    from fused_resnet.gpu_check import merge_records
-
-    old = {"steps": [{"step": "bench-train", "git_commit": "aaa"}, {"step": "build", "git_commit": "aaa"}],
-           "bench_train": {"rows": 1}, "bench_inference": None, "pytest_benchmark": None}
-    new = {"environment": {}, "steps": [{"step": "build", "git_commit": "bbb"}], "bench_train": None,
-           "bench_inference": {"rows": 2}, "pytest_benchmark": None}
-    merged = merge_records(old, new)
-    assert [(s["step"], s["git_commit"]) for s in merged["steps"]] == [("build", "bbb"), ("bench-train", "aaa")]
-    assert merged["bench_train"] == {"rows": 1} and merged["bench_inference"] == {"rows": 2}
-    assert merged["note"] == "steps of this record ran at different commits: aaa, bbb"
-    assert merge_records(None, new) is new
-
-
 def test_info_lists_backends_fusions_and_relu_saves(capsys):
     old = fused_resnet.set_fusions(prologue=True)
     try:

@@ -1,8 +1,8 @@
 // Device-independent ops of the cudnn backend: the graph key, the cache's
 // statistics and fallback list, and a self-test of the build-once cache. They
 // run on any device (CPU and Meta tensors included), so `make test` checks the
-// caching logic on machines without a GPU. Kept out of cudnn_graphs.cpp so
-// they build without parsing the cuDNN frontend.
+// caching logic on machines without a GPU. Kept out of the graph files
+// (graph_common.h) so they build without parsing the cuDNN frontend.
 #include <torch/library.h>
 
 #include <atomic>

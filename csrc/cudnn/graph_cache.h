@@ -178,7 +178,7 @@ class GraphCache {
 };
 
 // The process-wide statistics and fallback list of the cuDNN graphs,
-// defined next to the cache in cudnn_graphs.cpp.
+// defined next to the cache in graph_common.cpp.
 CacheStats graph_cache_stats();
 std::vector<std::pair<std::string, std::string>> graph_cache_fallbacks();
 void graph_cache_clear();

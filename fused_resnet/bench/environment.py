@@ -9,17 +9,23 @@ import subprocess
 import torch
 
 
+COMMIT_ENV = "FUSED_RESNET_GIT_COMMIT"
+
+
 def git_commit() -> str | None:
+    """HEAD (with "-dirty" for uncommitted changes to tracked files), else
+    $FUSED_RESNET_GIT_COMMIT: the GPU machine gets a copy of the working tree
+    without .git, so the device call names the commit (`make gpu-call`)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get(COMMIT_ENV) or None
 
 
 def _driver_version() -> str | None:

@@ -21,7 +21,13 @@ from .. import _compat
 
 FUSED_BACKENDS = ("cpu", "cuda", "cudnn", "triton")
 BASE_PROVIDERS = ("eager", "channels_last", "amp", "compile")
-ALL_PROVIDERS = BASE_PROVIDERS + tuple(f"fused-{b}" for b in FUSED_BACKENDS)
+# Fused providers that turn optional fusions on (fused_resnet/fusions.py):
+# name -> (backend, fusion switches set during its steps, modes it applies to).
+FUSION_VARIANTS = {
+    "fused-triton+prologue": ("triton", (("prologue", True),), ("train",)),
+}
+ALL_PROVIDERS = BASE_PROVIDERS + tuple(f"fused-{b}" for b in FUSED_BACKENDS) + tuple(FUSION_VARIANTS)
+MODES = ("inference", "train")
 
 # Which device type each fused backend computes on (triton: GPU; on CPU only
 # through Triton's interpreter, which exists for tests, not speed).
@@ -35,10 +41,15 @@ class Provider:
     backend: str | None
     available: bool
     reason: str
+    # Fusion switches set while this provider's steps run (the others keep
+    # their current settings), and the modes the provider applies to.
+    fusions: tuple[tuple[str, bool], ...] = ()
+    modes: tuple[str, ...] = MODES
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "backend": self.backend,
-                "available": self.available, "reason": self.reason}
+                "available": self.available, "reason": self.reason, "fusions": dict(self.fusions),
+                "modes": list(self.modes)}
 
 
 def _fused_provider(backend: str, device: torch.device, explicit: bool) -> Provider:
@@ -75,6 +86,13 @@ def make_provider(name: str, device: torch.device, dtype: torch.dtype, explicit:
                         + (" and max-autotune" if device.type == "cuda" else ""))
     if name.startswith("fused-") and name[len("fused-"):] in FUSED_BACKENDS:
         return _fused_provider(name[len("fused-"):], device, explicit)
+    if name in FUSION_VARIANTS:
+        backend, fusions, modes = FUSION_VARIANTS[name]
+        base = _fused_provider(backend, device, explicit)
+        switches = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in fusions)
+        return Provider(name, "fused", backend, base.available,
+                        base.reason if not base.available else f"{base.reason}; fusions {switches}",
+                        fusions=fusions, modes=modes)
     raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(ALL_PROVIDERS)} (or 'fused')")
 
 
@@ -90,7 +108,8 @@ def parse_provider_names(spec: str | None) -> list[str] | None:
         expanded = [f"fused-{b}" for b in FUSED_BACKENDS] if n == "fused" else [n]
         for e in expanded:
             if e not in ALL_PROVIDERS:
-                raise ValueError(f"unknown provider {raw.strip()!r}; expected one of {', '.join(ALL_PROVIDERS)} or 'fused'")
+                raise ValueError(f"unknown provider {raw.strip()!r}; expected one of {', '.join(ALL_PROVIDERS)} "
+                                 "or 'fused'")
             if e not in names:
                 names.append(e)
     if not names:
@@ -170,6 +189,21 @@ class Step:
     model: nn.Module
 
 
+@contextlib.contextmanager
+def fusions_of(provider: Provider):
+    """The provider's fusion switches on for the duration (restored after)."""
+    if not provider.fusions:
+        yield
+        return
+    from ..fusions import set_fusions
+
+    old = set_fusions(**dict(provider.fusions))
+    try:
+        yield
+    finally:
+        set_fusions(**old)
+
+
 def _autocast(provider: Provider, device: torch.device, dtype: torch.dtype):
     if provider.kind == "amp":
         return torch.autocast(device_type=device.type, dtype=dtype)
@@ -204,7 +238,7 @@ def make_step(provider: Provider, mode: str, model_name: str, state_dict, x: tor
         model.eval()
 
         def call() -> torch.Tensor:
-            with torch.no_grad(), freeze(), _autocast(provider, device, dtype):
+            with torch.no_grad(), freeze(), _autocast(provider, device, dtype), fusions_of(provider):
                 return run(xin)
 
         return Step(call, model)
@@ -214,10 +248,11 @@ def make_step(provider: Provider, mode: str, model_name: str, state_dict, x: tor
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
     def call() -> torch.Tensor:
-        with _autocast(provider, device, dtype):
-            out = run(xin)
-            loss = F.cross_entropy(out.float(), y)
-        loss.backward()
+        with fusions_of(provider):
+            with _autocast(provider, device, dtype):
+                out = run(xin)
+                loss = F.cross_entropy(out.float(), y)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.detach()

@@ -17,11 +17,16 @@ def _verdict(r: dict) -> str:
         return "n/a"
     if r["status"] == "error":
         return "ERROR"
-    return "ok" if r["numerics_ok"] else "FAILED"
+    ok = "ok" if r["numerics_ok"] else "FAILED"
+    return f"{ok}, OVER BUDGET" if r["status"] == "over budget" else ok
 
 
-COLUMNS = ("mode", "provider", "img/s", "vs eager", "vs compile", "p50 ms", "p90 ms", "peak MiB",
-           "1st call s", "max err", "eager err", "verified")
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+COLUMNS = ("mode", "provider", "img/s", "vs eager", "vs amp", "vs compile", "p50 ms", "p90 ms", "steps",
+           "peak MiB", "1st call s", "max err", "eager err", "verified")
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -30,9 +35,10 @@ def table_rows(result: dict) -> list[list[str]]:
         if r["status"] in ("unavailable", "error"):
             continue
         out.append([
-            r["mode"], r["provider"], _f(r["images_per_s"], ".2f"), _f(r["ratio_to_eager"], ".2f") + "x",
-            _f(r["ratio_to_compile"], ".2f") + ("x" if r["ratio_to_compile"] is not None else ""),
-            _f(r["p50_ms"], ".1f"), _f(r["p90_ms"], ".1f"), _f(r["peak_mem_mib"], ".0f"),
+            r["mode"], r["provider"], _f(r["images_per_s"], ".2f"), _ratio(r.get("ratio_to_eager")),
+            _ratio(r.get("ratio_to_amp")), _ratio(r.get("ratio_to_compile")),
+            _f(r["p50_ms"], ".1f"), _f(r["p90_ms"], ".1f"), str(len(r.get("times_ms") or [])),
+            _f(r["peak_mem_mib"], ".0f"),
             _f(r["first_call_s"], ".1f"), _f(r["max_err"], ".2e"), _f(r["eager_err"], ".2e"), _verdict(r),
         ])
     return out
@@ -51,6 +57,8 @@ def _notes(result: dict) -> list[str]:
             notes.append(f"{r['provider']}: not run ({r['reason']})")
         elif r["status"] == "error":
             notes.append(f"{r['provider']} [{r['mode']}]: ERROR {r['reason']}")
+        elif r["status"] == "over budget":
+            notes.append(f"{r['provider']} [{r['mode']}]: {r['reason']}")
         if r.get("fallbacks"):
             notes.append(f"{r['provider']} [{r['mode']}]: {len(r['fallbacks'])} layer graph(s) refused by cuDNN ran "
                          "as aten conv + our epilogue:")
@@ -94,10 +102,15 @@ def format_markdown(result: dict) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    """Written to a temporary file and renamed into place: a reader (or a
+    process killed mid-write) never leaves half a file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=2, default=str)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def write_plot(result: dict, path: str) -> str | None:

@@ -4,6 +4,7 @@ and mode."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import numerics
+from ..fusions import get_fusions
 from . import environment, providers as prov
 from .timing import Timing, peak_memory_bytes, synchronize, timed_call
 
@@ -40,6 +42,20 @@ class BenchConfig:
     # machine whose speed drifts (a shared VM, a GPU's clocks) shifts every
     # provider alike; False: each provider's steps back to back.
     interleave: bool = True
+    # Seconds each provider may spend per mode (see Budget): provider name ->
+    # seconds, "*" for the others; None or a missing entry: no limit.
+    budgets: dict[str, float] | None = None
+    # After each mode's rows, time every conv unit alone for each fused
+    # backend that ran (bench/layers.py), in this process, whose caches the
+    # network run has filled; layer_budgets: seconds per backend and mode
+    # for that (backend name or "*" -> seconds).
+    layers: bool = False
+    layer_budgets: dict[str, float] | None = None
+
+    def budget_for(self, provider: str) -> float | None:
+        if not self.budgets:
+            return None
+        return self.budgets.get(provider, self.budgets.get("*"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,10 +76,11 @@ class Row:
     provider: str
     kind: str
     backend: str | None
-    status: str  # ok | FAILED (numerics) | unavailable | error
+    status: str  # ok | FAILED (numerics) | unavailable | error | over budget
     reason: str = ""
     images_per_s: float | None = None
     ratio_to_eager: float | None = None
+    ratio_to_amp: float | None = None  # GPU runs: eager AMP, channels_last (the GPU baseline)
     ratio_to_compile: float | None = None
     median_ms: float | None = None
     p50_ms: float | None = None
@@ -80,6 +97,10 @@ class Row:
     # cuDNN refused during this row (those layers ran as aten conv + our
     # epilogue).
     fallbacks: list[str] = field(default_factory=list)
+    # The provider's budget in seconds (None: none), and the fusion switches
+    # in effect while it ran (fused_resnet.get_fusions()).
+    budget_s: float | None = None
+    fusions: dict = field(default_factory=dict)
 
 
 def _cudnn_refusals() -> set[tuple[str, str]]:
@@ -126,22 +147,60 @@ def _worst(outs: list[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
     return max(outs, key=lambda o: numerics.max_abs_err(o.float(), ref))
 
 
+class Budget:
+    """The seconds one provider may spend in one mode: its build, first call,
+    warm-up and timed steps, counting its own calls only (in rounds the other
+    providers' steps do not count). Checked between calls: a call in flight
+    is never interrupted, so a single call that hangs is the caller's hard
+    time limit's business (gpu_check runs each bench in a process with one)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.spent = 0.0
+
+    @contextlib.contextmanager
+    def charge(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent += time.perf_counter() - t0
+
+    def over(self) -> bool:
+        return self.seconds is not None and self.spent > self.seconds
+
+
+def _mark_over_budget(row: Row, budget: Budget, where: str) -> None:
+    """The row ran out of its budget: status "over budget" (a FAILED or error
+    row keeps its status: the numerics matter more), with where it stopped."""
+    note = f"over its budget of {budget.seconds:g} s ({budget.spent:.1f} s spent) {where}"
+    if row.status == "ok":
+        row.status, row.reason = "over budget", note
+    else:
+        row.reason = f"{row.reason}; {note}" if row.reason else note
+
+
 def _prepare_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, ref, eager_out,
-                      own: bool = False) -> tuple[Row, torch.Tensor, object, set]:
+                      own: bool = False, budget: Budget | None = None) -> tuple[Row, torch.Tensor, object, set]:
     """Build the provider's step, run its first call (timed alone, its output
     verified) and its warm-up steps: (row, output, step, cuDNN refusals
-    before)."""
-    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok", reason=p.reason)
+    before). Warm-up stops when the budget is spent (the row says so)."""
+    budget = budget or Budget(None)
+    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok", reason=p.reason,
+              budget_s=budget.seconds)
+    with prov.fusions_of(p):
+        row.fusions = get_fusions()
     refused_before = _cudnn_refusals() if p.backend == "cudnn" else set()
-    step = prov.make_step(p, mode, cfg.model, sd, x, y, cfg.torch_dtype, cfg.channels_last, cfg.num_classes,
-                          compile_mode=cfg.compile_mode)
-    # The first call compiles / autotunes / warms caches; it is timed on its
-    # own, and its output (from the initial weights) is the one verified.
-    t0 = time.perf_counter()
-    out = step.call()
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    row.first_call_s = time.perf_counter() - t0
+    with budget.charge():
+        step = prov.make_step(p, mode, cfg.model, sd, x, y, cfg.torch_dtype, cfg.channels_last, cfg.num_classes,
+                              compile_mode=cfg.compile_mode)
+        # The first call compiles / autotunes / warms caches; it is timed on its
+        # own, and its output (from the initial weights) is the one verified.
+        t0 = time.perf_counter()
+        out = step.call()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        row.first_call_s = time.perf_counter() - t0
     if eager_out is None:  # this is the eager row itself
         eager_out = out
     elif own:  # an eager layout: part of the baseline it is judged by
@@ -151,37 +210,53 @@ def _prepare_provider(p: prov.Provider, mode: str, cfg: BenchConfig, sd, x, y, r
         v.fused_err, v.mean_err, v.eager_err, v.bound, v.ok)
     if not v.ok:
         row.status = "FAILED"
-    for _ in range(max(cfg.warmup - 1, 0)):
-        step.call()
-        synchronize(x.device)
+    warm = max(cfg.warmup - 1, 0)
+    done = 0
+    while done < warm and not budget.over():
+        with budget.charge():
+            step.call()
+            synchronize(x.device)
+        done += 1
+    if budget.over():
+        _mark_over_budget(row, budget, f"after its first call and {done} of {warm} warm-up steps")
     return row, out, step, refused_before
 
 
-def _finish_provider(row: Row, step, refused_before: set, cfg: BenchConfig, x) -> None:
+def _finish_provider(row: Row, step, refused_before: set, cfg: BenchConfig, x, over_budget: bool = False) -> None:
     """Statistics of the timed steps, the (untimed) peak-memory step and the
-    cuDNN refusals of this row."""
-    t = Timing(times_s=[ms / 1e3 for ms in row.times_ms])
-    row.median_ms = t.median_s * 1e3
-    row.p50_ms, row.p90_ms = t.p50_ms, t.p90_ms
-    row.images_per_s = cfg.batch_size / t.median_s
-    if cfg.measure_memory:
+    cuDNN refusals of this row. A row over its budget keeps the statistics of
+    the steps it timed and skips the memory step."""
+    if row.times_ms:
+        t = Timing(times_s=[ms / 1e3 for ms in row.times_ms])
+        row.median_ms = t.median_s * 1e3
+        row.p50_ms, row.p90_ms = t.p50_ms, t.p90_ms
+        row.images_per_s = cfg.batch_size / t.median_s
+    if cfg.measure_memory and not over_budget:
         peak = peak_memory_bytes(step.call, x.device)
         row.peak_mem_mib = None if peak is None else peak / 2**20
     if row.backend == "cudnn":
         row.fallbacks = sorted(f"{k}\t{why}" for k, why in _cudnn_refusals() - refused_before)
 
 
-def _time_rounds(prepared: list[tuple[Row, object]], cfg: BenchConfig, x, progress: bool) -> None:
+def _time_rounds(prepared: list[tuple[Row, object]], cfg: BenchConfig, x, progress: bool,
+                 budgets: list[Budget] | None = None) -> None:
     """cfg.steps timed steps per provider, in rounds (cfg.interleave) or
     back to back; each provider's times go to its row. A provider whose step
-    raises is marked as an error and leaves the rounds."""
-    active = list(prepared)
+    raises is marked as an error and leaves the rounds; one whose budget is
+    spent is marked "over budget" and leaves them with the steps it timed."""
+    budgets = budgets or [Budget(None) for _ in prepared]
+    active = [(row, step, budget) for (row, step), budget in zip(prepared, budgets)]
 
     def run(entry, steps: int) -> None:
-        row, step = entry
+        row, step, budget = entry
         try:
             for _ in range(steps):
-                dt, _ = timed_call(step.call, x.device)
+                if budget.over():
+                    _mark_over_budget(row, budget, f"after {len(row.times_ms)} of {cfg.steps} timed steps")
+                    active.remove(entry)
+                    return
+                with budget.charge():
+                    dt, _ = timed_call(step.call, x.device)
                 row.times_ms.append(dt * 1e3)
         except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
             _mark_error(row, exc, progress)
@@ -197,7 +272,10 @@ def _time_rounds(prepared: list[tuple[Row, object]], cfg: BenchConfig, x, progre
             run(entry, cfg.steps)
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+def run_bench(cfg: BenchConfig, progress: bool = True, on_update=None) -> dict:
+    """The bench result (see _result). on_update(result), if given, receives
+    the result so far ("complete": false) each time a row is final, so a
+    caller can keep it on disk while later providers run."""
     from .. import relu_saves, set_relu_saves
 
     before = relu_saves()
@@ -205,12 +283,45 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         set_relu_saves(cfg.relu_saves)
     cfg.relu_saves = relu_saves()
     try:
-        return _run_bench(cfg, progress)
+        return _run_bench(cfg, progress, on_update)
     finally:
         set_relu_saves(before)
 
 
-def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
+def _result(cfg: BenchConfig, env: dict, plist: list, rows: list[Row], complete: bool,
+            layers: dict | None = None) -> dict:
+    _fill_ratios(rows)
+    out = {
+        "schema": 2,
+        "complete": complete,
+        "config": {**asdict(cfg), "modes": list(cfg.modes)},
+        "environment": env,
+        "memory_definition": "peak tensor memory allocated during one step above what was allocated before it "
+                             "(GPU: torch.cuda.max_memory_allocated; CPU: allocator events via torch.profiler)",
+        "providers": [p.to_dict() for p in plist],
+        "results": [asdict(r) for r in rows],
+    }
+    if cfg.layers:
+        out["layers"] = layers
+    return out
+
+
+def _layers_for_mode(cfg: BenchConfig, mode: str, mode_rows: list[Row], env: dict, peaks: dict, progress: bool,
+                     on_layers) -> dict | None:
+    """bench/layers.py's per-layer record of `mode` for the fused backends
+    whose network row ran (a backend that raised is left out)."""
+    from .layers import LayersConfig, run_layers
+
+    backends = list(dict.fromkeys(r.backend for r in mode_rows
+                                  if r.kind == "fused" and r.backend and r.status in ("ok", "FAILED", "over budget")))
+    lcfg = LayersConfig(model=cfg.model, batch_size=cfg.batch_size, image_size=cfg.image_size, dtype=cfg.dtype,
+                        device=cfg.device, backends=tuple(backends), modes=(mode,), steps=cfg.steps,
+                        warmup=cfg.warmup, channels_last=cfg.channels_last, budgets=cfg.layer_budgets,
+                        seed=cfg.seed)
+    return run_layers(lcfg, on_update=on_layers, progress=progress, env=env, peaks=peaks)
+
+
+def _run_bench(cfg: BenchConfig, progress: bool, on_update) -> dict:
     device = torch.device(cfg.device)
     dtype = cfg.torch_dtype
     env = environment.describe(device)  # before the run: the load average then is the one that matters
@@ -222,6 +333,13 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
     eager_p = prov.make_provider("eager", device, dtype)
     bar = _Progress(total=len(cfg.modes) * (1 + len(runnable)), enabled=progress)
     rows: list[Row] = []
+    layers: dict | None = None
+    peaks: dict | None = None
+
+    def update(pending: list[Row], layers_now: dict | None = None) -> None:
+        if on_update is not None:
+            on_update(_result(cfg, env, plist, rows + pending, complete=False, layers=layers_now or layers))
+
     try:
         for mode in cfg.modes:
             bar.start(f"{mode}: reference")
@@ -235,58 +353,88 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> dict:
             eager_outs: list[torch.Tensor] = [] if "eager" in [p.name for p in runnable] else [eager_logits()]
             bar.advance()
             order = {"eager": 0, "channels_last": 1}
-            # Every provider is built, verified and warmed first; then all
-            # are timed together (see BenchConfig.interleave).
+            # In rounds (cfg.interleave) every provider is built, verified and
+            # warmed first, then all are timed together; back to back, each
+            # provider is built, timed and finished (its row final, on_update
+            # told) before the next one is built.
             mode_rows: list[Row] = []
-            prepared: list[tuple[Row, object, set]] = []
+            prepared: list[tuple[Row, object, set, Budget]] = []
             for p in sorted(runnable, key=lambda p: order.get(p.name, 2)):
                 bar.start(f"{mode}: {p.name}")
+                if mode not in p.modes:
+                    mode_rows.append(Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend,
+                                         status="unavailable", reason=f"{mode} is not among its modes "
+                                         f"({', '.join(p.modes)}): its fusions apply there only"))
+                    bar.advance()
+                    continue
                 if p.name != "eager" and not eager_outs:  # the eager row failed: judge by a plain eager step
                     eager_outs.append(eager_logits())
+                budget = Budget(cfg.budget_for(p.name))
                 try:
                     if p.name == "eager":
-                        row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref, None)
+                        row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref, None,
+                                                                    budget=budget)
                         eager_outs.append(out)
                     elif p.name == "channels_last":
                         row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref,
-                                                                    _worst(eager_outs, ref), own=True)
+                                                                    _worst(eager_outs, ref), own=True,
+                                                                    budget=budget)
                         eager_outs.append(out)
                     else:
                         row, out, step, refused = _prepare_provider(p, mode, cfg, sd, x, y, ref,
-                                                                    _worst(eager_outs, ref))
-                    prepared.append((row, step, refused))
+                                                                    _worst(eager_outs, ref), budget=budget)
+                    del out
+                    prepared.append((row, step, refused, budget))
                 except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-                    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok")
+                    row = Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend, status="ok",
+                              budget_s=budget.seconds)
                     _mark_error(row, exc, progress)
                 mode_rows.append(row)
                 bar.advance()
-            bar.start(f"{mode}: timing {len(prepared)} providers" + (" in rounds" if cfg.interleave else ""))
-            _time_rounds([(row, step) for row, step, _ in prepared], cfg, x, progress)
-            for row, step, refused in prepared:
-                if row.status == "error":
-                    continue
-                try:
-                    _finish_provider(row, step, refused, cfg, x)
-                except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
-                    _mark_error(row, exc, progress)
-            prepared.clear()
-            rows.extend(mode_rows)
+                if not cfg.interleave:
+                    _time_and_finish(prepared, cfg, x, progress)
+                    prepared.clear()  # frees this provider's model before the next is built
+                    update(mode_rows)
+            if prepared:
+                bar.start(f"{mode}: timing {len(prepared)} providers in rounds")
+                _time_and_finish(prepared, cfg, x, progress)
+                prepared.clear()
             for p in plist:
                 if not p.available:
-                    rows.append(Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend,
-                                    status="unavailable", reason=p.reason))
+                    mode_rows.append(Row(mode=mode, provider=p.name, kind=p.kind, backend=p.backend,
+                                         status="unavailable", reason=p.reason))
+            rows.extend(mode_rows)
+            update([])
+            if cfg.layers:
+                from .layers import merge_records
+                from .roofline import device_peaks
+
+                bar.start(f"{mode}: per-layer timings")
+                if peaks is None:
+                    peaks = device_peaks(device, dtype)
+                earlier = layers
+                rec = _layers_for_mode(cfg, mode, mode_rows, env, peaks, progress,
+                                       lambda partial: update([], merge_records(earlier, partial)))
+                layers = merge_records(earlier, rec)
+                update([])
     finally:
         bar.close()
-    _fill_ratios(rows)
-    return {
-        "schema": 1,
-        "config": {**asdict(cfg), "modes": list(cfg.modes)},
-        "environment": env,
-        "memory_definition": "peak tensor memory allocated during one step above what was allocated before it "
-                             "(GPU: torch.cuda.max_memory_allocated; CPU: allocator events via torch.profiler)",
-        "providers": [p.to_dict() for p in plist],
-        "results": [asdict(r) for r in rows],
-    }
+    return _result(cfg, env, plist, rows, complete=True, layers=layers)
+
+
+def _time_and_finish(prepared: list[tuple[Row, object, set, Budget]], cfg: BenchConfig, x, progress: bool) -> None:
+    """Time the prepared providers that are still within budget and not
+    broken, then finish every row that has a step."""
+    timed = [(row, step, budget) for row, step, _, budget in prepared
+             if row.status in ("ok", "FAILED") and not budget.over()]
+    _time_rounds([(row, step) for row, step, _ in timed], cfg, x, progress, [b for _, _, b in timed])
+    for row, step, refused, budget in prepared:
+        if row.status == "error":
+            continue
+        try:
+            _finish_provider(row, step, refused, cfg, x, over_budget=budget.over())
+        except Exception as exc:  # noqa: BLE001 - one broken provider must not hide the others
+            _mark_error(row, exc, progress)
 
 
 def _mark_error(row: Row, exc: Exception, progress: bool) -> None:
@@ -305,6 +453,8 @@ def _fill_ratios(rows: list[Row]) -> None:
                 continue
             if "eager" in base:
                 r.ratio_to_eager = r.images_per_s / base["eager"]
+            if "amp" in base:
+                r.ratio_to_amp = r.images_per_s / base["amp"]
             if "compile" in base:
                 r.ratio_to_compile = r.images_per_s / base["compile"]
 

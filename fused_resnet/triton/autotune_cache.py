@@ -70,10 +70,21 @@ class AutotuneCache:
             return self._load().get(key)
 
     def put(self, key: str, config_name: str) -> None:
+        self.put_many({key: config_name})
+
+    def put_many(self, new: dict[str, str]) -> None:
+        """Several entries in one write (seeding a cache from a record)."""
         with self._lock:
             entries = self._load()
-            entries[key] = config_name
+            entries.update(new)
             self._write(entries)
+
+    def entries(self) -> dict[str, str]:
+        """Every entry: the file as it is now (other processes may have tuned
+        since this one read it), with this process's entries over it."""
+        with self._lock:
+            mine = dict(self._load())
+        return {**AutotuneCache(self.path)._load(), **mine}
 
     def _write(self, entries: dict[str, str]) -> None:
         if self._write_failed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -17,7 +18,7 @@ import torch
 import triton
 
 from .. import _compat, _conv_args
-from . import autotune_cache, conv_configs
+from . import autotune_budget, autotune_cache, conv_configs
 from .conv2d_fwd import (KERNEL_VERSION, MODE_CBLOCK, MODE_FLAT, MODE_GEMM, conv2d_dgrad_prologue_kernel,
                          conv2d_fwd_kernel, conv2d_fwd_prologue_kernel, conv2d_fwd_shortcut_kernel)
 
@@ -184,8 +185,9 @@ def autotune_enabled() -> bool:
 
 def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_configs.ConvConfig:
     """The config for `key`: from memory, else the disk cache, else by timing
-    every candidate with `run(cfg)` (which launches the real problem); the
-    first candidate untimed when autotuning is off (autotune_enabled)."""
+    the candidates with `run(cfg)` (which launches the real problem) within
+    the tuning caps (autotune_budget); the first candidate untimed when
+    autotuning is off (autotune_enabled) or the run's tuning budget is spent."""
     with _chosen_lock:
         cfg = _chosen.get(key)
     if cfg is not None:
@@ -204,15 +206,48 @@ def choose_config(key: str, cands: list[conv_configs.ConvConfig], run) -> conv_c
                       RuntimeWarning, stacklevel=2)
         name = None
     if name is None:
-        times = {c.name: _benchmark(run, c) for c in cands}
-        name = min(times, key=times.get)
-        if times[name] == float("inf"):
-            raise RuntimeError(f"fused_resnet: no Triton conv config could run for {key}")
-        cache.put(key, name)
+        name = _tune(key, cands, run, cache)
     cfg = by_name[name]
     with _chosen_lock:
         _chosen[key] = cfg
     return cfg
+
+
+def _tune(key: str, cands: list[conv_configs.ConvConfig], run, cache) -> str:
+    """Time the candidates in order until one of the caps stops it (at least
+    one is timed); the fastest is written to the disk cache. With the run's
+    budget already spent, the first candidate untimed, not cached."""
+    budget = autotune_budget.current()
+    entry = {"key": key, "candidates": len(cands)}
+    if budget.run_spent():
+        autotune_budget.log({**entry, "chosen": cands[0].name, "timed": 0, "seconds": 0.0,
+                             "capped": f"run budget {budget.run_s:g} s spent before this key", "cached": False})
+        return cands[0].name
+    started = time.perf_counter()
+    times: dict[str, float] = {}
+    capped = None
+    for cfg in cands:
+        if times:
+            capped = budget.key_over(started)
+            if capped is not None:
+                break
+        times[cfg.name] = _benchmark(run, cfg)
+    seconds = time.perf_counter() - started
+    budget.charge(seconds)
+    name = min(times, key=times.get)
+    cached = times[name] != float("inf")
+    if cached:
+        cache.put(key, name)
+    elif capped is None:
+        raise RuntimeError(f"fused_resnet: no Triton conv config could run for {key}")
+    else:
+        # Every candidate timed before the cap failed: the next one, untimed
+        # and not cached.
+        name = next(c.name for c in cands if c.name not in times)
+    autotune_budget.log({**entry, "chosen": name, "timed": len(times), "seconds": round(seconds, 3),
+                         "capped": capped, "cached": cached,
+                         "times_ms": {k: (None if v == float("inf") else round(v, 5)) for k, v in times.items()}})
+    return name
 
 
 # ---------------------------------------------------------------- launch
