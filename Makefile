@@ -8,13 +8,17 @@ STAMP  := $(VENV)/.fused_resnet-installed
 # The dependencies pip installs before building the extension against them.
 BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy nvidia-cudnn-frontend
 
-.PHONY: bench test test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels clean
+.PHONY: bench test lint test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels clean
 
 bench: build
 	$(VENV)/bin/fused-resnet bench
 
-test: build
+test: build lint
 	$(VPY) -m pytest tests -q
+
+# pyflakes and pycodestyle errors, as configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check fused_resnet tests benchmarks examples tools setup.py
 
 info: build
 	$(VENV)/bin/fused-resnet info
@@ -71,7 +75,7 @@ test-oldest: build-oldest
 # --plan (the steps with their estimated seconds), --only / --skip STEPS.
 GPU_CHECK ?=
 gpu-check:
-	$(PYTHON) -m fused_resnet.gpu_check $(GPU_CHECK)
+	$(PYTHON) -m fused_resnet.tools.gpu_check $(GPU_CHECK)
 
 # Every wheel the GPU machine lacks, for its Python (3.12, manylinux x86-64),
 # into .whl/ (git-ignored), which the device call carries and gpu-check
@@ -85,7 +89,7 @@ GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_
 # working tree without .git, so the command names the commit it runs.
 GPU_COMMIT = $(shell git rev-parse HEAD)$(if $(shell git status --porcelain --untracked-files=no),-dirty)
 gpu-call:
-	@echo 'command:   FUSED_RESNET_GIT_COMMIT=$(GPU_COMMIT) python3 -m fused_resnet.gpu_check --lease'
+	@echo 'command:   FUSED_RESNET_GIT_COMMIT=$(GPU_COMMIT) python3 -m fused_resnet.tools.gpu_check --lease'
 	@echo 'carry:     [".whl"]'
 	@echo 'timeout_s: 600'
 	@test -n "$$(ls .whl/*.whl 2>/dev/null)" || echo 'warning: .whl/ is empty: run make gpu-wheels first'

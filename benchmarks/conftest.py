@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fused_resnet import numerics
-from fused_resnet.bench.providers import fused_backend_params  # noqa: F401 - re-exported for benchmark files
-from fused_resnet.bench.timing import synchronize, timed_call
+from fused_resnet.tools.bench.providers import fused_backend_params  # noqa: F401 - re-exported for benchmark files
+from fused_resnet.tools.bench.timing import synchronize, timed_call
 
 # References without TF32, as in tests/ (../DESIGN.md, numerics policy).
 torch.backends.cuda.matmul.allow_tf32 = False

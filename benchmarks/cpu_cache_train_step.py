@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from fused_resnet.bench.timing import peak_memory_bytes
+from fused_resnet.tools.bench.timing import peak_memory_bytes
 
 
 def main() -> None:

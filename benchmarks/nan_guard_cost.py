@@ -1,7 +1,7 @@
 """What the CPU backend's NaN guard costs in inference: fused-cpu resnet50
 with the guard (activations bounded, measured by sqrt(sum x^2) where the
 bounds carried from unit to unit grow too loose, before the oneDNN ReLU
-post-op may be used; fused_resnet/nn/finite_bounds.py) against the same
+post-op may be used; fused_resnet/backends/cpu/finite_bounds.py) against the same
 model with every measurement replaced by a constant 0 (the post-op always
 fused, as before the guard: NaN then vanishes).
 
@@ -21,7 +21,7 @@ import time
 import torch
 
 import fused_resnet
-from fused_resnet.nn import finite_bounds
+from fused_resnet.backends.cpu import finite_bounds
 
 
 def main(argv=None):

@@ -18,9 +18,9 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fused_resnet import FusedBasicBlock, FusedBottleneck, set_fusions
-from fused_resnet.bench.providers import fused_backend_params
-from fused_resnet.bench.roofline import conv_layers
-from fused_resnet.bench.verify import randomize_bn_state
+from fused_resnet.tools.bench.providers import fused_backend_params
+from fused_resnet.tools.bench.roofline import conv_layers
+from fused_resnet.tools.bench.verify import randomize_bn_state
 
 from bench_settings import BATCH, DEVICE  # benchmarks/ is on sys.path under pytest
 

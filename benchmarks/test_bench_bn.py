@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from fused_resnet import _backend, numerics
+from fused_resnet import dispatch, numerics
 from fused_resnet.ops import batch_norm_act
 
-from bench_settings import BATCH, DEVICE, DTYPE, ON_GPU  # benchmarks/ is on sys.path under pytest
+from bench_settings import BATCH, DEVICE, DTYPE  # benchmarks/ is on sys.path under pytest
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
-_NO_KERNELS = pytest.mark.skipif(_backend.resolve(None, DEVICE) == "reference",
+_NO_KERNELS = pytest.mark.skipif(dispatch.resolve(None, DEVICE) == "reference",
                                  reason="no fused BN kernels for this device (extension not built)")
 # fused: what the fused models run (set_relu_saves default "output": the
 # backward packs its ReLU mask from y); fused-mask: the 1-bit mask saved by

@@ -68,7 +68,7 @@ def _run(benchmark, fn, flops):
 @pytest.mark.parametrize("provider", ["cudnn", "triton"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_conv(benchmark, name, provider):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     x, wt, _, _, _, _, conv, flops = _setup(name)
     benchmark.group = f"conv {name}"
@@ -84,7 +84,7 @@ def test_conv(benchmark, name, provider):
 @pytest.mark.parametrize("provider", ["cudnn+eager", "triton"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_conv_bn_add_relu(benchmark, name, provider):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     x, wt, r, bn, scale, shift, conv, flops = _setup(name)
     benchmark.group = f"conv+bn+add+relu {name}"

@@ -17,13 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_resnet.ops import cudnn_conv, reference
+from fused_resnet.backends.cudnn import graphs as cudnn_graphs
+from fused_resnet.ops import reference
 
 from bench_settings import ON_GPU
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not (ON_GPU and cudnn_conv.built()), reason="needs a GPU and the cudnn backend built"),
+    pytest.mark.skipif(not (ON_GPU and cudnn_graphs.built()), reason="needs a GPU and the cudnn backend built"),
 ]
 
 BATCH = 256
@@ -60,7 +61,7 @@ def _flops(c_in, c_out, k, out_hw):
 
 
 def _record(benchmark, flops, before):
-    new = cudnn_conv.fallbacks()[len(before):]
+    new = cudnn_graphs.fallbacks()[len(before):]
     benchmark.extra_info.update(cudnn_fused=not new, cudnn_fallback=new[0][1] if new else "")
     if benchmark.stats is not None:
         benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
@@ -82,9 +83,9 @@ def test_layer_eval(benchmark, timed, check, layer, dtype, provider):
         return torch.relu(y + r if r is not None else y)
 
     def fused():
-        return cudnn_conv.conv_bias_act(x, w_fold, b_fold, r, True, stride, k // 2)
+        return cudnn_graphs.conv_bias_act(x, w_fold, b_fold, r, True, stride, k // 2)
 
-    before = cudnn_conv.fallbacks()
+    before = cudnn_graphs.fallbacks()
     with torch.no_grad():
         out_eager = eager()
         out = fused() if provider == "cudnn-fused" else out_eager
@@ -111,10 +112,10 @@ def test_layer_train_forward(benchmark, timed, check, layer, dtype, provider):
         return torch.relu(y + r if r is not None else y)
 
     def fused():
-        return cudnn_conv.conv_bn_train(x, w, bn.weight, bn.bias, bn.running_mean, bn.running_var, None, 0.1,
+        return cudnn_graphs.conv_bn_train(x, w, bn.weight, bn.bias, bn.running_mean, bn.running_var, None, 0.1,
                                         bn.eps, residual=r, relu=True, stride=stride, padding=k // 2)[0]
 
-    before = cudnn_conv.fallbacks()
+    before = cudnn_graphs.fallbacks()
     with torch.no_grad():
         out_eager = eager()
         out = fused() if provider == "cudnn-fused" else out_eager

@@ -1,7 +1,7 @@
 """Network level: resnet18 / resnet50 inference (eval, no_grad) and training
 step (forward + cross-entropy + backward + SGD), torchvision eager (NCHW) vs
 each fused backend (channels_last), built exactly as `fused-resnet bench`
-builds them (fused_resnet.bench.providers), from the same weights.
+builds them (fused_resnet.tools.bench.providers), from the same weights.
 
 extra_info: images/s. Before timing, each provider's first-step logits are
 checked against the high-precision reference (fp64 on CPU, fp32 without
@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-from fused_resnet.bench import providers as prov
+from fused_resnet.tools.bench import providers as prov
 
 from bench_settings import BATCH, DEVICE, ON_GPU  # benchmarks/ is on sys.path under pytest
 

@@ -38,6 +38,12 @@ def inductor_freezing():
 # ---------------------------------------------------------------- tensors
 
 
+def bump_version(t: torch.Tensor) -> None:
+    """Mark t as written in place (for a write autograd did not see: a
+    kernel writing through a raw pointer)."""
+    torch.autograd.graph.increment_version(t)
+
+
 def version_counter(t: torch.Tensor) -> int:
     """t's version counter: bumped by every in-place write through PyTorch
     (optimizer steps, load_state_dict, edits under no_grad), so a cache keyed

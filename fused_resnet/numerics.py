@@ -1,4 +1,4 @@
-"""The numerics criterion (../DESIGN.md, after flash-attention's tests), in one
+"""The numerics criterion (docs/numerics.md, after flash-attention's tests), in one
 table used by the tests, `fused-resnet verify` and the benchmarks.
 
 A fused result passes when its error against a high-precision reference

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backend, _compat
+from . import _compat, dispatch
 
 __all__ = ["optimize", "CUDAGraphModule"]
 
@@ -47,17 +47,9 @@ def _fast_memory_format(x: torch.Tensor) -> torch.memory_format | None:
 
 def _has_unconverted_blocks(model: nn.Module) -> bool:
     """Whether convert() would fuse something still unfused in `model`."""
-    from .nn import timm_blocks
-    from .nn.convert import _BASIC_ATTRS, _BOTTLENECK_ATTRS, _is_torchvision_block
+    from .nn.convert import convertible
 
-    def unfused(m: nn.Module) -> bool:
-        if _is_torchvision_block(m, "BasicBlock", _BASIC_ATTRS) or _is_torchvision_block(
-                m, "Bottleneck", _BOTTLENECK_ATTRS):
-            return True
-        return (timm_blocks._is_timm_block(m) and not isinstance(m, timm_blocks._FusedTimmBlock)
-                and timm_blocks.fusable(m))
-
-    return any(unfused(m) for m in model.modules())
+    return any(convertible(m) for m in model.modules())
 
 
 def _tensor_state(model: nn.Module) -> tuple:
@@ -157,7 +149,7 @@ def optimize(model: nn.Module, example_input: torch.Tensor, *, backend: str | No
         raise ValueError(f"optimize(cuda_graph=True) needs a CUDA example input; got one on "
                          f"{example_input.device} (CUDA graphs exist only on CUDA devices)")
     if backend is not None:
-        backend = _backend.validate(backend)
+        backend = dispatch.validate(backend)
     if backend is not None or _has_unconverted_blocks(model):
         from .nn.convert import convert
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# References run without TF32 (../DESIGN.md, numerics policy).
+# References run without TF32 (docs/numerics.md).
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
@@ -11,7 +11,13 @@ torch.backends.cudnn.allow_tf32 = False
 # timing every candidate of every test shape made the CUDA tests several
 # times slower, and correctness does not depend on which config wins.
 # test_triton_conv_cuda runs every candidate and the autotuner itself.
-os.environ.setdefault("FUSED_RESNET_AUTOTUNE", "0")
+# The variable covers child processes; the setting covers this one, whatever
+# imported fused_resnet first.
+if "FUSED_RESNET_AUTOTUNE" not in os.environ:
+    os.environ["FUSED_RESNET_AUTOTUNE"] = "0"
+    import fused_resnet  # noqa: E402
+
+    fused_resnet.set_autotune(False)
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -27,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    """Every test starts from, and leaves, the settings the process began
+    with (fused_resnet.config): a test that changes the backend, a fusion or
+    the autotune switch cannot leak into the next."""
+    from fused_resnet import config
+
+    saved = config.snapshot()
+    yield
+    config.restore(saved)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Running a test module's `test_interp_*` tests in a TRITON_INTERPRET=1 child.
 
 Triton reads TRITON_INTERPRET when @triton.jit decorates a function, i.e. when
-fused_resnet.triton.conv2d_fwd is first imported, and a pytest process
+fused_resnet.backends.triton.conv2d_fwd is first imported, and a pytest process
 imports it once for every module. So a module's interpreter tests run only in
 a child pytest started with TRITON_INTERPRET=1 before anything is imported;
 the parent never has the variable set and other modules are unaffected. The
@@ -58,10 +58,10 @@ def drop_interp_tests_outside_the_interpreter(namespace: dict) -> None:
 
 def count_kernel_launches(monkeypatch, *names: str) -> dict[str, int]:
     """Count launches (kernel[grid](...)) of the named Triton kernels of
-    fused_resnet.triton.launch, e.g. "conv2d_fwd_prologue_kernel", for the
+    fused_resnet.backends.triton.launch, e.g. "conv2d_fwd_prologue_kernel", for the
     rest of the test; returns the live {name: count} dict. Launches made
     while autotuning (timing candidate configs on a GPU) are not counted."""
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     counts = dict.fromkeys(names, 0)
 

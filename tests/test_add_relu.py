@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import add_relu, reference
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

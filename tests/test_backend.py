@@ -1,5 +1,7 @@
 """Backend selection: names, availability, errors, the env var, resolve()."""
 
+import os
+
 import subprocess
 import sys
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import _backend
+from fused_resnet import config, dispatch
 
 
 def test_reference_always_available_and_auto_default():
@@ -30,28 +32,39 @@ def test_unavailable_backend_says_why():
         fused_resnet.set_backend("cuda")
 
 
-def test_set_backend_global_and_per_model(monkeypatch):
-    try:
-        fused_resnet.set_backend("reference")
-        assert fused_resnet.get_backend() == "reference"
-        m = fused_resnet.resnet18(num_classes=3)
-        assert m.layer1[0].resolved_backend(torch.zeros(1)) == "reference"
-        m.set_backend("auto")
-        assert m.layer1[0].backend == "auto"
-    finally:
-        _backend._global_backend = None
-    monkeypatch.setenv("FUSED_RESNET_BACKEND", "reference")
+def test_set_backend_global_and_per_model():
+    fused_resnet.set_backend("reference")  # the autouse fixture restores the setting
     assert fused_resnet.get_backend() == "reference"
-    monkeypatch.setenv("FUSED_RESNET_BACKEND", "bogus")
-    with pytest.raises(fused_resnet.BackendError, match="bogus"):
+    m = fused_resnet.resnet18(num_classes=3)
+    assert m.layer1[0].resolved_backend(torch.zeros(1)) == "reference"
+    m.set_backend("auto")
+    assert m.layer1[0].backend == "auto"
+
+
+def test_the_environment_variable_is_read_at_import():
+    config.load_environment({"FUSED_RESNET_BACKEND": "reference"})
+    assert fused_resnet.get_backend() == "reference" and config.source("backend") == "$FUSED_RESNET_BACKEND"
+    with pytest.warns(RuntimeWarning, match="ignoring .FUSED_RESNET_BACKEND='bogus'"):
+        config.load_environment({"FUSED_RESNET_BACKEND": "bogus"})
+    assert fused_resnet.get_backend() == "auto"
+    env = dict(os.environ, FUSED_RESNET_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", "import fused_resnet; print(fused_resnet.get_backend())"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stdout + out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_an_unavailable_backend_from_the_environment_names_the_variable():
+    config.load_environment({"FUSED_RESNET_BACKEND": "cudnn"})
+    with pytest.raises(fused_resnet.BackendError, match=r"\$FUSED_RESNET_BACKEND: backend 'cudnn' is not available"):
         fused_resnet.get_backend()
 
 
 def test_auto_on_cpu_prefers_cpu_kernels_and_triton_hands_cpu_tensors_over():
     want = "cpu" if fused_resnet.availability()["cpu"].available else "reference"
-    assert _backend.resolve("auto", torch.device("cpu")) == want
-    if not _backend.triton_interpreter_on():
-        assert _backend.resolve("triton", torch.device("cpu")) == want
+    assert dispatch.resolve("auto", torch.device("cpu")) == want
+    if not dispatch.triton_interpreter_on():
+        assert dispatch.resolve("triton", torch.device("cpu")) == want
 
 
 def test_info_command_runs_and_lists_backends():
@@ -73,21 +86,15 @@ def test_import_survives_a_missing_extension():
     assert "did not load" in out.stdout
 
 
-def test_resolve_follows_changes_after_earlier_answers(monkeypatch):
-    """resolve() remembers its answers; a changed environment variable or
-    global choice must still take effect on the next call."""
+def test_resolve_follows_changes_after_earlier_answers():
+    """resolve() remembers its answers; a changed global choice must still
+    take effect on the next call."""
     cpu = torch.device("cpu")
     want = "cpu" if fused_resnet.availability()["cpu"].available else "reference"
-    monkeypatch.delenv("FUSED_RESNET_BACKEND", raising=False)
-    assert _backend.resolve(None, cpu) == want
-    monkeypatch.setenv("FUSED_RESNET_BACKEND", "reference")
-    assert _backend.resolve(None, cpu) == "reference"
-    monkeypatch.delenv("FUSED_RESNET_BACKEND")
-    assert _backend.resolve(None, cpu) == want
-    try:
-        fused_resnet.set_backend("reference")
-        assert _backend.resolve(None, cpu) == "reference"
-        assert _backend.resolve("auto", cpu) == want  # a module's own choice wins
-    finally:
-        _backend._global_backend = None
-    assert _backend.resolve(None, cpu) == want
+    fused_resnet.set_backend("auto")
+    assert dispatch.resolve(None, cpu) == want
+    fused_resnet.set_backend("reference")
+    assert dispatch.resolve(None, cpu) == "reference"
+    assert dispatch.resolve("auto", cpu) == want  # a module's own choice wins
+    fused_resnet.set_backend("auto")
+    assert dispatch.resolve(None, cpu) == want

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet import _backend, numerics
+from fused_resnet import dispatch, numerics
 from fused_resnet.ops import batch_norm_act
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 
 def _bn(C, device, **kw):

@@ -22,12 +22,11 @@ import torch
 sys.path.insert(0, HERE)
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import block_paths
 from test_fused_blocks import _block_trio, _check_grads, _check_buffers
 
 # Count launches of the Triton kernel itself, not just calls of the op.
 calls = []
-import fused_resnet.triton.launch as launch
+import fused_resnet.backends.triton.launch as launch
 orig = launch.conv2d_bn_act
 def spy(*a, **k):
     calls.append(1)
@@ -48,7 +47,7 @@ specs = [("basic-downsample", 8, 16, 2, 1, 64, 1), ("bottleneck-grouped", 32, 8,
 # BN + ReLU in the next conv's prologue.
 for spec in specs:
     for train, prologue in ((True, False), (False, False), (True, True)):
-        block_paths.FUSIONS["prologue"] = prologue
+        fused_resnet.set_fusions(prologue=prologue)
         p0 = len(pro_calls)
         fused, eager, ref = _block_trio(*spec)
         fused.backend = "triton"

@@ -6,10 +6,10 @@ bn_backward), opcheck and bad inputs."""
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import bn_backward, bn_backward_elemt, bn_backward_reduce, bn_stats, reference
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 ops = torch.ops.fused_resnet
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -10,12 +10,12 @@ CUDA-graph capture of the device-side running-stat update.
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import reference
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not _backend.has_kernel("bn_apply", "CUDA"), reason="fused_resnet._C built without CUDA"),
+    pytest.mark.skipif(not dispatch.has_kernel("bn_apply", "CUDA"), reason="fused_resnet._C built without CUDA"),
 ]
 ops = torch.ops.fused_resnet
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -4,10 +4,10 @@ against their plain-PyTorch references, opcheck, bad inputs, determinism."""
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import bn_apply, bn_backward, bn_finalize, bn_stats, reference
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (shape, channels_last): C not a multiple of 8, H*W = 1, a long plane.

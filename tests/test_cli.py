@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet import cli
-from fused_resnet.bench import report, roofline, timing, verify
+from fused_resnet.tools import cli
+from fused_resnet.tools.bench import report, roofline, timing, verify
 
 BENCH_KEYS = {"schema", "config", "environment", "memory_definition", "providers", "results"}
 ROW_KEYS = {"mode", "provider", "kind", "backend", "status", "reason", "images_per_s", "ratio_to_eager",
@@ -85,7 +85,7 @@ def test_tiny_bench_runs_and_writes_documented_json(tmp_path, capsys):
 
 
 def test_cudnn_fallbacks_are_listed_in_the_bench_notes():
-    from fused_resnet.bench import report
+    from fused_resnet.tools.bench import report
 
     row = {"mode": "train", "provider": "fused-cudnn", "status": "ok", "reason": "", "numerics_ok": True,
            "fallbacks": ["conv_bias_act|cuda:0|bfloat16[8,3,7,7]\tno engine supports the graph"]}
@@ -98,7 +98,7 @@ def test_cudnn_fallbacks_are_listed_in_the_bench_notes():
 
 @pytest.mark.parametrize("batch,size,warned", [(1, 64, True), (2, 64, True), (4, 64, False), (8, 224, False)])
 def test_an_ill_conditioned_training_verification_is_pointed_out(batch, size, warned):
-    from fused_resnet.bench import report
+    from fused_resnet.tools.bench import report
 
     for modes, expect in ((["inference", "train"], warned), (["inference"], False)):
         config = {"modes": modes, "batch_size": batch, "image_size": size}
@@ -186,7 +186,9 @@ def test_plot_is_written(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_info_lists_backends_fusions_and_relu_saves(capsys):
+def test_info_lists_backends_and_every_setting_with_its_source(capsys):
+    from fused_resnet import config
+
     old = fused_resnet.set_fusions(prologue=True)
     try:
         assert cli.main(["info"]) == 0
@@ -194,13 +196,19 @@ def test_info_lists_backends_fusions_and_relu_saves(capsys):
         fused_resnet.set_fusions(**old)
     out = capsys.readouterr().out
     assert "backends:" in out and "reference" in out
-    assert "prologue=on" in out and "shortcut_gemm=" in out
-    assert f"relu saves   {fused_resnet.relu_saves()}" in out
+    lines = out.splitlines()
+    for s in config.SETTINGS:
+        line = [ln for ln in lines if ln.strip().startswith(s.name + " ") and ln.rstrip().endswith("$" + s.env)]
+        assert len(line) == 1, f"no settings line for {s.name}:\n{out}"
+    fusions = [ln for ln in lines if ln.strip().startswith("fusions ")][0]
+    assert "prologue=1" in fusions and "set_fusions()" in fusions
+    relu = [ln for ln in lines if ln.strip().startswith("relu_saves ")][0]
+    assert fused_resnet.relu_saves() in relu
 
 
 @pytest.mark.parametrize("interleave", [True, False])
 def test_bench_times_providers_in_rounds_or_back_to_back(interleave):
-    from fused_resnet.bench import runner
+    from fused_resnet.tools.bench import runner
 
     calls = []
 

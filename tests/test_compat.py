@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from fused_resnet import _backend, _compat
+from fused_resnet import _compat, dispatch
 
 PACKAGE_DIR = os.path.dirname(fused_resnet.__file__)
 
@@ -28,13 +28,13 @@ def test_a_built_extension_loads():
              for p in glob.glob(os.path.join(PACKAGE_DIR, "_C" + suffix))]
     if not built:
         pytest.skip("fused_resnet._C is not built for this interpreter")
-    assert _backend.native_loaded(), f"{built[0]} exists but does not load: {_backend._native_error}"
+    assert dispatch.native_loaded(), f"{built[0]} exists but does not load: {dispatch.native_error()}"
 
 
 def test_dispatcher_has_kernel():
     assert _compat.dispatcher_has_kernel("aten::add.Tensor", "CPU")
     assert not _compat.dispatcher_has_kernel("fused_resnet::no_such_op", "CPU")
-    if _backend.native_loaded():
+    if dispatch.native_loaded():
         assert _compat.dispatcher_has_kernel("fused_resnet::add_relu", "CPU")
 
 
@@ -178,7 +178,7 @@ def test_triton_interpreter_runs_a_kernel_indexing_with_a_scalar(tmp_path):
     src = tmp_path / "kernel_probe.py"
     src.write_text(
         "import torch, triton, triton.language as tl\n"
-        "import fused_resnet.triton  # applies the interpreter fix\n"
+        "import fused_resnet.backends.triton  # applies the interpreter fix\n"
         "@triton.jit\n"
         "def k(n_ptr, y_ptr):\n"
         "    n = tl.load(n_ptr)\n"

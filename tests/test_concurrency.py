@@ -28,8 +28,8 @@ import torch
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import fold
-from fused_resnet.triton import autotune_cache as ac
+from fused_resnet.backends import fold
+from fused_resnet.backends.triton import autotune_cache as ac
 from helpers import randomise_bn
 
 BACKENDS = ["cpu", "reference"]
@@ -383,16 +383,16 @@ def test_corrupt_cache_through_choose_config(tmp_path, monkeypatch):
     """The launcher's autotune step with a corrupt file on disk: warns,
     re-tunes, and leaves a valid file behind."""
     pytest.importorskip("triton")
-    from fused_resnet.triton import conv_configs as cc
-    from fused_resnet.triton import launch
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    from fused_resnet.backends.triton import conv_configs as cc
+    from fused_resnet.backends.triton import launch
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
+    fused_resnet.set_cache_dir(tmp_path)
     monkeypatch.setattr(ac, "_caches", {})
     monkeypatch.setattr(launch, "_chosen", {})
     cands = cc.candidates(90, 2, 64)
     best = cands[len(cands) // 2]
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")  # tests/conftest.py turns it off
+    fused_resnet.set_autotune(True)  # tests/conftest.py turns it off
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: 0.5 if cfg is best else 1.0)
     path = ac.get_cache(KERNEL_VERSION).path
     assert path.parent == tmp_path
@@ -454,7 +454,7 @@ def test_concurrent_writers_never_expose_half_a_file(tmp_path):
 
 
 def test_autotune_keys_differ_by_device_dtype_and_shape():
-    from fused_resnet.triton import conv_configs as cc
+    from fused_resnet.backends.triton import conv_configs as cc
 
     archs = sorted({cc.arch_family(cap) for cap in [(8, 0), (8, 6), (8, 9), (9, 0)]})
     assert len(archs) >= 2, "sm80 and sm90 parts must not share tuned configs"
@@ -479,7 +479,7 @@ def test_autotune_keys_differ_by_device_dtype_and_shape():
 
 
 def test_autotune_cache_entries_are_per_key(tmp_path):
-    from fused_resnet.triton import conv_configs as cc
+    from fused_resnet.backends.triton import conv_configs as cc
 
     path = tmp_path / "autotune-vtest.json"
     b = cc.shape_bucket(4096, 64, 64, 3, 3, (1, 1), (1, 1), 1, "plain")
@@ -497,9 +497,9 @@ def test_launcher_keys_differ_on_gpu(tmp_path, monkeypatch):
     """On a GPU: the keys the Triton launcher builds for different dtypes and
     shapes are all different, and the same problem reuses its key."""
     pytest.importorskip("triton")
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
+    fused_resnet.set_cache_dir(tmp_path)
     monkeypatch.setattr(ac, "_caches", {})
     seen = []
     real = launch.choose_config

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import fusions, numerics
-from fused_resnet.nn import block_paths
+from fused_resnet import config, numerics
 from fused_resnet.ops import conv2d_prologue_bn_act, reference
 from interp_suite import (IN_INTERPRETER, count_kernel_launches, drop_interp_tests_outside_the_interpreter,
                           run_interp_tests)
@@ -76,7 +75,7 @@ def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
 
 @pytest.mark.parametrize("name,fused_dgrad", GRAD_CASES)
 def test_interp_gradients_match_autograd_through_the_reference(name, fused_dgrad, monkeypatch):
-    monkeypatch.setitem(fusions.FUSIONS, "prologue_dgrad", fused_dgrad)
+    fused_resnet.set_fusions(prologue_dgrad=fused_dgrad)
     calls = count_kernel_launches(monkeypatch, "conv2d_dgrad_prologue_kernel")
     x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES[name], torch.float32, seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -112,7 +111,7 @@ DGRAD_SHAPES = ("1x1", "3x3_s1", "3x3_thin_cin", "grouped_cin4", "dilated")
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("name", DGRAD_SHAPES)
 def test_interp_fused_dgrad_kernel_matches_reference(name, dtype, monkeypatch):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     calls = count_kernel_launches(monkeypatch, "conv2d_dgrad_prologue_kernel")
     dt = DTYPES[dtype]
@@ -164,7 +163,7 @@ def _train_block(spec):
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
-    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    fused_resnet.set_fusions(prologue=True)
     calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
     fused, eager, ref, x = _train_block(BLOCKS[name])
     n_inner = 2 if BLOCKS[name][0] == "bottleneck" else 1
@@ -197,7 +196,7 @@ def test_interp_compiled_training_block_traces_the_fused_backward(monkeypatch):
     """torch.compile traces the prologue op's backward with fake tensors: the
     fused data gradient must be an op there (with a fake kernel), not a
     Triton launch. aot_eager traces forward and backward as inductor would."""
-    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    fused_resnet.set_fusions(prologue=True)
     calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
     fused, eager, ref, x = _train_block(BLOCKS["bottleneck-id"])
     torch._dynamo.reset()
@@ -223,7 +222,7 @@ def test_interp_compiled_training_block_traces_the_fused_backward(monkeypatch):
 def test_cuda_training_block_with_prologues_matches_eager(name, dtype, monkeypatch):
     """The same blocks on a GPU (Triton kernels compiled for it): fused and
     eager in `dtype` on CUDA, the fp64 reference on the CPU."""
-    monkeypatch.setitem(block_paths.FUSIONS, "prologue", True)
+    fused_resnet.set_fusions(prologue=True)
     calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
     fused, eager, ref, x = _train_block(BLOCKS[name])
     fused.to("cuda", dtype)
@@ -254,14 +253,13 @@ def test_interpreter_suite(tmp_path):
 
 def test_prologue_switch_defaults_off_and_is_listed():
     assert "prologue" in fused_resnet.get_fusions()
-    assert block_paths.FUSION_DEFAULTS["prologue"] is False
+    assert config.FUSION_DEFAULTS["prologue"] is False
     # Its backward's sub-switch, on by default (used only with the prologue).
-    assert fusions.FUSION_DEFAULTS["prologue_dgrad"] is True
-    assert block_paths.FUSIONS is fusions.FUSIONS  # one dict, re-exported
+    assert config.FUSION_DEFAULTS["prologue_dgrad"] is True
 
 
 def test_fused_dgrad_argument_errors():
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     x, ps, pt, wt, sc, sf, r, conv = _problem(SHAPES["3x3_s1"], torch.float32)
     dz = torch.randn(r.shape)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import _backend
-from fused_resnet.bench.timing import peak_memory_bytes
+from fused_resnet import dispatch
+from fused_resnet.tools.bench.timing import peak_memory_bytes
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 ops = torch.ops.fused_resnet
 
 # 8 x 64 x 32 x 32 fp32 = 2 MiB: above the cache's 256 KiB floor.
@@ -148,11 +148,12 @@ def test_set_limit_rejects_bad_values():
             fused_resnet.set_cpu_cache_limit(bad)
 
 
-def test_bad_environment_limit_is_named():
+@pytest.mark.parametrize("text,limit_mib", [("3", 3), ("lots", 256)])
+def test_the_environment_limit_applies_at_import_and_a_bad_one_is_named(text, limit_mib):
     code = ("import torch, fused_resnet\n"
-            "z = torch.randn(8, 64, 32, 32)\n"
-            "torch.ops.fused_resnet.bn_apply(z, torch.ones(64), torch.zeros(64), None, True)\n")
-    env = dict(os.environ, FUSED_RESNET_CPU_CACHE_MB="lots")
+            "print(fused_resnet.cpu_cache_stats()['limit'] >> 20)\n")
+    env = dict(os.environ, FUSED_RESNET_CPU_CACHE_MB=text)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "FUSED_RESNET_CPU_CACHE_MB" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == str(limit_mib)
+    assert ("ignoring $FUSED_RESNET_CPU_CACHE_MB='lots'" in proc.stderr) == (text == "lots"), proc.stderr

@@ -16,9 +16,8 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-import torch
 
-from fused_resnet import _backend, _compat
+from fused_resnet import _compat, dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BN_OPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
@@ -108,7 +107,7 @@ needs_cuda_build = pytest.mark.skipif(
 @needs_cuda_build
 @pytest.mark.parametrize("op", BN_OPS)
 def test_bn_op_has_cuda_kernel(op):
-    assert _backend.native_loaded()
+    assert dispatch.native_loaded()
     assert _compat.dispatcher_has_kernel(f"fused_resnet::{op}", "CUDA"), (
         f"fused_resnet::{op} has no CUDA kernel although the extension was built with CUDA"
     )

@@ -1,4 +1,4 @@
-"""The cudnn backend (csrc/cudnn/, fused_resnet/ops/cudnn_conv.py).
+"""The cudnn backend (csrc/cudnn/, fused_resnet/backends/cudnn/).
 
 Without a GPU: the graph key, the build-once cache (a multi-threaded C++
 self-test), the fake kernels, the availability reporting, the backward of
@@ -18,23 +18,25 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from fused_resnet import _backend, _compat, numerics
-from fused_resnet.nn import block_paths
-from fused_resnet.ops import cudnn_conv
+from fused_resnet import _compat, dispatch, numerics
+from fused_resnet.backends import bn_modules
+from fused_resnet.backends.cudnn import units as cudnn_units
+from fused_resnet.backends.cudnn import graphs as cudnn_graphs
+from fused_resnet.nn.paths import units as paths_units
 
 from conftest import requires_cuda
 from helpers import randomise_bn
 
 requires_build = pytest.mark.skipif(
-    not cudnn_conv.built(), reason=f"cudnn backend not built: {_backend._cudnn_frontend_reason()}")
+    not cudnn_graphs.built(), reason=f"cudnn backend not built: {dispatch.availability()['cudnn'].reason}")
 
 
 # ---- without a GPU ------------------------------------------------------------
 
 
 def test_availability_reports_the_build_and_the_device():
-    av = _backend.availability()["cudnn"]
-    if not cudnn_conv.built():
+    av = dispatch.availability()["cudnn"]
+    if not cudnn_graphs.built():
         assert not av.available and "not built" in av.reason
     elif not torch.cuda.is_available():
         assert not av.available and "no GPU" in av.reason
@@ -44,12 +46,12 @@ def test_availability_reports_the_build_and_the_device():
 
 def test_auto_never_selects_cudnn():
     # Until a recorded GPU run shows it correct at ResNet-50 shapes (issue 10).
-    assert _backend.resolve("auto", torch.device("cuda")) != "cudnn"
-    assert _backend.resolve("auto", torch.device("cpu")) != "cudnn"
+    assert dispatch.resolve("auto", torch.device("cuda")) != "cudnn"
+    assert dispatch.resolve("auto", torch.device("cpu")) != "cudnn"
 
 
 def _key(variant, tensors, params=(1, 1, 0, 0, 1, 1, 1)):
-    return cudnn_conv.graph_key(variant, tensors, params)
+    return cudnn_graphs.graph_key(variant, tensors, params)
 
 
 @requires_build
@@ -96,13 +98,13 @@ def test_cache_builds_each_key_once_under_races(threads, keys, rounds):
 
 @requires_build
 def test_cache_stats_and_fallbacks_are_readable():
-    cudnn_conv.clear_cache()
-    stats = cudnn_conv.cache_stats()
+    cudnn_graphs.clear_cache()
+    stats = cudnn_graphs.cache_stats()
     assert stats == {"entries": 0, "hits": 0, "builds": 0, "refusals": 0}
-    assert cudnn_conv.fallbacks() == []
+    assert cudnn_graphs.fallbacks() == []
 
 
-@pytest.mark.skipif(not cudnn_conv._schemas_defined(), reason="fused_resnet._C predates the cudnn schemas")
+@pytest.mark.skipif(not cudnn_graphs._schemas_defined(), reason="fused_resnet._C predates the cudnn schemas")
 def test_fake_kernels_give_shapes_and_layout():
     x = torch.empty(2, 8, 9, 9, device="meta")
     w = torch.empty(6, 4, 3, 3, device="meta")
@@ -119,9 +121,9 @@ def test_cpu_tensors_compute_the_contract():
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     b, r = torch.randn(5, dtype=torch.float64), torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    y = cudnn_conv.conv_bias_act(x, w, b, r, relu=True, padding=1)
+    y = cudnn_graphs.conv_bias_act(x, w, b, r, relu=True, padding=1)
     torch.testing.assert_close(y, torch.relu(F.conv2d(x, w, b, padding=1) + r))
-    z, s, q = cudnn_conv.conv_genstats(x, w, padding=1)
+    z, s, q = cudnn_graphs.conv_genstats(x, w, padding=1)
     torch.testing.assert_close(s.double(), z.sum(dim=(0, 2, 3)))
     torch.testing.assert_close(q.double(), (z * z).sum(dim=(0, 2, 3)))
 
@@ -190,10 +192,10 @@ def _random_grads(z, names):
 @pytest.mark.parametrize("grad_set", GRAD_SETS, ids="+".join)
 def test_genstats_backward_matches_autograd(shape, prologue, grad_set):
     x, w, sc, sh, relu, conv = _genstats_case(shape, prologue)
-    z, _, _ = cudnn_conv.conv_genstats(x, w, sc, sh, relu, **conv)
+    z, _, _ = cudnn_graphs.conv_genstats(x, w, sc, sh, relu, **conv)
     grads = _random_grads(z, grad_set)
     want = _autograd_ref(x, w, sc, sh, relu, conv, grads)
-    got = cudnn_conv._genstats_backward(
+    got = cudnn_graphs._genstats_backward(
         x, w, sc, sh, relu, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], z,
         grads.get("dz"), grads.get("dsum"), grads.get("dsumsq"))
     for name, g, r in zip(("x", "weight", "in_scale", "in_shift"), got, want):
@@ -207,19 +209,19 @@ def test_genstats_backward_matches_autograd(shape, prologue, grad_set):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_genstats_backward_computes_only_what_is_needed(channels_last):
     x, w, sc, sh, relu, conv = _genstats_case(GENSTATS_SHAPES[1], "affine-relu", channels_last=channels_last)
-    z, _, _ = cudnn_conv.conv_genstats(x, w, sc, sh, relu, **conv)
+    z, _, _ = cudnn_graphs.conv_genstats(x, w, sc, sh, relu, **conv)
     grads = _random_grads(z, ("dz", "dsumsq"))
     want = _autograd_ref(x, w, sc, sh, relu, conv, grads)
     args = (x, w, sc, sh, relu, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], z,
             grads["dz"], None, grads["dsumsq"])
     for needs in [(False, True, False, False), (False, False, True, False), (True, False, False, True)]:
-        got = cudnn_conv._genstats_backward(*args, needs_input_grad=needs)
+        got = cudnn_graphs._genstats_backward(*args, needs_input_grad=needs)
         for need, g, r in zip(needs, got, want):
             if need:
                 torch.testing.assert_close(g, r)
             else:
                 assert g is None
-    assert cudnn_conv._genstats_backward(*args[:10], None, None, None) == (None, None, None, None)
+    assert cudnn_graphs._genstats_backward(*args[:10], None, None, None) == (None, None, None, None)
 
 
 @pytest.fixture
@@ -227,7 +229,7 @@ def genstats_cpu_kernel():
     """A CPU kernel for fused_resnet::cudnn_conv_genstats (test-only, removed
     afterwards), so the op's registered autograd runs on CPU tensors: the
     kernel computes the contract, the backward is the one CUDA uses."""
-    if not cudnn_conv._schemas_defined():
+    if not cudnn_graphs._schemas_defined():
         pytest.skip("fused_resnet._C predates the cudnn schemas")
     if _compat.dispatcher_has_kernel("fused_resnet::cudnn_conv_genstats", "CPU"):
         pytest.skip("the op already has a CPU kernel")
@@ -281,32 +283,32 @@ def test_stats_from_sums_gives_batch_mean_and_biased_var():
     z = torch.randn(3, 5, 4, 6, dtype=torch.float64) * 2 + torch.randn(1, 5, 1, 1, dtype=torch.float64)
     shift = torch.randn(5, dtype=torch.float64)
     s, ss = z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3))
-    mean, var = block_paths.stats_from_sums(z, s, ss, shift)
+    mean, var = bn_modules.stats_from_sums(z, s, ss, shift)
     torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)) + shift)
     torch.testing.assert_close(var, z.var(dim=(0, 2, 3), unbiased=False))
-    m32, v32 = block_paths.stats_from_sums(z.float(), s.float(), ss.float())
+    m32, v32 = bn_modules.stats_from_sums(z.float(), s.float(), ss.float())
     assert m32.dtype == v32.dtype == torch.float32
     torch.testing.assert_close(v32.double(), z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
     # A constant channel: rounding must not make the variance negative.
     zc = torch.full((2, 1, 3, 3), 0.1, dtype=torch.float32)
-    _, vc = block_paths.stats_from_sums(zc, zc.sum(dim=(0, 2, 3)), (zc * zc).sum(dim=(0, 2, 3)))
+    _, vc = bn_modules.stats_from_sums(zc, zc.sum(dim=(0, 2, 3)), (zc * zc).sum(dim=(0, 2, 3)))
     assert (vc >= 0).all()
 
 
 def test_cudnn_training_is_gated_to_what_the_graph_runs():
     conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
-    assert block_paths._cudnn_genstats_operands(conv, torch.randn(2, 4, 5, 5)) is None  # CPU tensor
-    if torch.cuda.is_available() and cudnn_conv.built():
+    assert cudnn_units._genstats_operands(conv, torch.randn(2, 4, 5, 5)) is None  # CPU tensor
+    if torch.cuda.is_available() and cudnn_graphs.built():
         conv = conv.cuda()
         x = torch.randn(2, 4, 5, 5, device="cuda")
-        assert block_paths._cudnn_genstats_operands(conv, x) is not None
-        assert block_paths._cudnn_genstats_operands(conv, x[:0]) is None
-        assert block_paths._cudnn_genstats_operands(conv.double(), x.double()) is None
+        assert cudnn_units._genstats_operands(conv, x) is not None
+        assert cudnn_units._genstats_operands(conv, x[:0]) is None
+        assert cudnn_units._genstats_operands(conv.double(), x.double()) is None
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            xa, wa = block_paths._cudnn_genstats_operands(conv.float(), x)
+            xa, wa = cudnn_units._genstats_operands(conv.float(), x)
         assert xa.dtype == wa.dtype == torch.bfloat16
         biased = torch.nn.Conv2d(4, 8, 3, padding=1, bias=True).cuda()
-        assert block_paths._cudnn_genstats_operands(biased, x) is None
+        assert cudnn_units._genstats_operands(biased, x) is None
 
 
 # (kind, inplanes, planes, stride, groups, base_width, dilation), as tests/test_fused_blocks.py
@@ -384,15 +386,17 @@ def test_cudnn_training_path_wiring_on_cpu(monkeypatch, genstats_cpu_kernel, spe
         calls.append(tuple(x.shape))
         return genstats_cpu_kernel(x, w, sc, sh, relu, list(stride), list(padding), list(dilation), groups)
 
-    monkeypatch.setattr(block_paths, "_cudnn_genstats_operands",
+    monkeypatch.setattr(cudnn_units, "_genstats_operands",
                         lambda conv, x: None if conv.bias is not None else (x, conv.weight))
-    monkeypatch.setattr(cudnn_conv, "conv_genstats", genstats_via_op)
+    monkeypatch.setattr(cudnn_graphs, "conv_genstats", genstats_via_op)
     fused, eager, ref = _cudnn_block_trio(*spec, fused_backend=None)
     fused.to(dtype, memory_format=torch.channels_last)
     eager.to(dtype, memory_format=torch.channels_last)
-    # Run the fused block's cudnn path directly: on a CPU-only machine the
-    # backend name itself cannot be chosen.
-    fused.resolved_backend = lambda x: "cudnn"  # this instance only: `eager` is the same class
+    # Run the blocks' cudnn path directly: on a CPU-only machine the backend
+    # name itself cannot be chosen, and the table has no CPU entry for it.
+    resolve = paths_units.resolve  # `eager` (backend "reference") keeps its own
+    monkeypatch.setattr(paths_units, "resolve", lambda choice, *a: "cudnn" if choice is None else resolve(choice, *a))
+    monkeypatch.setitem(dispatch.TABLE, ("train_conv", "cudnn", "cpu"), dispatch.TABLE[("train_conv", "cudnn", "cuda")])
     x = torch.randn(3, spec[1], 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
     _compare_blocks(fused, eager, ref, x, dtype, f"{spec[0]} {dtype} (cudnn path on CPU)")
     assert len(calls) == _n_convs(fused), "not every conv went through conv_genstats"
@@ -400,7 +404,7 @@ def test_cudnn_training_path_wiring_on_cpu(monkeypatch, genstats_cpu_kernel, spe
 
 # ---- with a GPU ---------------------------------------------------------------
 
-GPU = pytest.mark.skipif(not (torch.cuda.is_available() and cudnn_conv.built()),
+GPU = pytest.mark.skipif(not (torch.cuda.is_available() and cudnn_graphs.built()),
                          reason="needs a CUDA GPU and the cudnn backend built")
 FUSED_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -410,7 +414,7 @@ def _cl(t):
 
 
 def _new_fallbacks(before):
-    return cudnn_conv.fallbacks()[len(before):]
+    return cudnn_graphs.fallbacks()[len(before):]
 
 
 def _bias_act_ref(x, w, b, r, relu, stride, padding):
@@ -434,8 +438,8 @@ def test_conv_bias_act(dtype, residual, relu, stride, ksize):
     b = torch.randn(k, device="cuda")
     out_hw = (hw + 2 * pad - ksize) // stride + 1
     r = _cl(torch.randn(n, k, out_hw, out_hw, device="cuda")).to(dtype) if residual else None
-    before = cudnn_conv.fallbacks()
-    y = cudnn_conv.conv_bias_act(x, w, b, r, relu, stride, pad)
+    before = cudnn_graphs.fallbacks()
+    y = cudnn_graphs.conv_bias_act(x, w, b, r, relu, stride, pad)
     torch.cuda.synchronize()
     if dtype in FUSED_DTYPES:
         assert _new_fallbacks(before) == [], "cuDNN refused a graph it should run"
@@ -453,10 +457,10 @@ def test_conv_bias_act(dtype, residual, relu, stride, ksize):
 def test_cache_hits_on_repeat_calls():
     x = _cl(torch.randn(2, 16, 8, 8, device="cuda")).half()
     w = _cl(torch.randn(16, 16, 3, 3, device="cuda")).half()
-    cudnn_conv.conv_bias_act(x, w, None, None, True, 1, 1)
-    s0 = cudnn_conv.cache_stats()
-    cudnn_conv.conv_bias_act(x, w, None, None, True, 1, 1)
-    s1 = cudnn_conv.cache_stats()
+    cudnn_graphs.conv_bias_act(x, w, None, None, True, 1, 1)
+    s0 = cudnn_graphs.cache_stats()
+    cudnn_graphs.conv_bias_act(x, w, None, None, True, 1, 1)
+    s1 = cudnn_graphs.cache_stats()
     assert s1["hits"] == s0["hits"] + 1 and s1["builds"] + s1["refusals"] == s0["builds"] + s0["refusals"]
 
 
@@ -470,8 +474,8 @@ def test_conv_genstats(dtype, prologue):
     w = _cl(torch.randn(k, c, 3, 3, device="cuda") / (9 * c) ** 0.5).to(dtype)
     sc = torch.rand(c, device="cuda") + 0.5 if prologue else None
     sh = torch.randn(c, device="cuda") if prologue else None
-    before = cudnn_conv.fallbacks()
-    z, s, q = cudnn_conv.conv_genstats(x, w, sc, sh, prologue, 1, 1)
+    before = cudnn_graphs.fallbacks()
+    z, s, q = cudnn_graphs.conv_genstats(x, w, sc, sh, prologue, 1, 1)
     torch.cuda.synchronize()
     if not prologue:  # the prologue needs the runtime-fusion engine: reported, not required
         assert _new_fallbacks(before) == [], "cuDNN refused the conv + genstats graph"
@@ -501,8 +505,8 @@ def test_dgrad_wgrad(dtype):
     x = _cl(torch.randn(n, c, hw, hw, device="cuda")).to(dtype)
     w = _cl(torch.randn(k, c, 3, 3, device="cuda") / (9 * c) ** 0.5).to(dtype)
     dy = _cl(torch.randn(n, k, hw // 2, hw // 2, device="cuda")).to(dtype)
-    dx = cudnn_conv.conv_dgrad(dy, w, x.shape, 2, 1)
-    dw = cudnn_conv.conv_wgrad(dy, x, w.shape, 2, 1)
+    dx = cudnn_graphs.conv_dgrad(dy, w, x.shape, 2, 1)
+    dw = cudnn_graphs.conv_wgrad(dy, x, w.shape, 2, 1)
     ref = torch.ops.aten.convolution_backward(dy.cpu().double(), x.cpu().double(), w.cpu().double(), None,
                                               [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
     eager = torch.ops.aten.convolution_backward(dy, x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1,
@@ -520,7 +524,7 @@ def test_conv_bias_act_autograd():
     b = torch.randn(32, device="cuda", requires_grad=True)
     r = _cl(torch.randn(2, 32, 8, 8, device="cuda")).to(dtype).requires_grad_()
     gy = torch.randn(2, 32, 8, 8, device="cuda").to(dtype)
-    y = cudnn_conv.conv_bias_act(x, w, b, r, True, 1, 1)
+    y = cudnn_graphs.conv_bias_act(x, w, b, r, True, 1, 1)
     y.backward(gy)
     leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, r)]
     yr = _bias_act_ref(*leaves[:2], leaves[2], leaves[3], True, 1, 1)
@@ -548,7 +552,7 @@ def test_conv_bn_train_matches_batchnorm():
         # Eager AMP-style: conv in fp16, BN with fp32 parameters, add + ReLU in fp16.
         z_eager = F.conv2d(x.to(dtype), conv.weight.to(dtype), None, 1, 1)
         eager = torch.relu(F.batch_norm(z_eager, None, None, bn.weight, bn.bias, True, 0.0, bn.eps) + r.to(dtype))
-    y, *_ = cudnn_conv.conv_bn_train(x.to(dtype), conv.weight.to(dtype), bn.weight, bn.bias, bn.running_mean,
+    y, *_ = cudnn_graphs.conv_bn_train(x.to(dtype), conv.weight.to(dtype), bn.weight, bn.bias, bn.running_mean,
                                      bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps,
                                      residual=r.to(dtype), relu=True, padding=1)
     numerics.assert_close_to_reference(y, eager, ref, dtype=dtype, what="conv_bn_train output")
@@ -586,7 +590,7 @@ def test_conv_genstats_autograd(dtype, prologue, grad_set):
         return [None if t is None else t.detach().to(device or t.device, dt or t.dtype).requires_grad_()
                 for t in (x, w, sc, sh)]
 
-    got = run(leaves_of(), lambda *a: cudnn_conv.conv_genstats(*a, relu, 2, 1))
+    got = run(leaves_of(), lambda *a: cudnn_graphs.conv_genstats(*a, relu, 2, 1))
     ref = run(leaves_of("cpu", torch.float64), lambda *a: _genstats_ref(*a, relu, 2, 1, 1, 1))
 
     def eager_fn(xe, we, sce, she):
@@ -617,13 +621,13 @@ def test_cudnn_blocks_train_like_the_reference_backend(monkeypatch, spec, mode):
     input gradient, parameter gradients and running statistics, elementwise
     under the numerics criterion; every conv through conv_genstats."""
     calls = []
-    real = cudnn_conv.conv_genstats
+    real = cudnn_graphs.conv_genstats
 
     def spy(*a, **kw):
         calls.append(a[0].dtype)
         return real(*a, **kw)
 
-    monkeypatch.setattr(cudnn_conv, "conv_genstats", spy)
+    monkeypatch.setattr(cudnn_graphs, "conv_genstats", spy)
     autocast_dtype = torch.bfloat16 if mode == "bf16-autocast" else None
     dtype = autocast_dtype or torch.float32
     fused, eager, ref = _cudnn_block_trio(*spec, fused_backend="cudnn")

@@ -8,7 +8,6 @@ import torch
 
 from helpers import make_trio
 
-import fused_resnet
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

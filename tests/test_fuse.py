@@ -19,7 +19,8 @@ from helpers import check_buffers, check_grads, randomise_bn
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import block_paths
+from fused_resnet.backends import bn_modules
+from fused_resnet.nn.paths import units
 
 # ------------------------------------------------------------ block styles
 
@@ -139,7 +140,7 @@ class Counter:
 
     def __init__(self, monkeypatch):
         self.calls = {"unit": 0, "bn_act": 0, "add_relu": 0}
-        for name, owner in (("unit", block_paths), ("bn_act", block_paths)):
+        for name, owner in (("unit", units), ("bn_act", bn_modules)):
             real = getattr(owner, name)
             monkeypatch.setattr(owner, name, self._spy(name, real))
         import fused_resnet.nn.chains as chains
@@ -397,13 +398,13 @@ def test_fuse_is_idempotent_and_sets_the_backend():
     assert again is net
     assert all(p == "fused earlier (backend updated)" for _, p, _ in fused_resnet.fuse_report(net).fused)
     calls = []
-    real = block_paths.unit
+    real = units.unit
     try:
-        block_paths.unit = lambda *a, **k: calls.append(1) or real(*a, **k)
+        units.unit = lambda *a, **k: calls.append(1) or real(*a, **k)
         with torch.no_grad():
             net.eval()(torch.randn(2, 3, 32, 32))
     finally:
-        block_paths.unit = real
+        units.unit = real
     assert not calls, "backend='reference' must run eager ops"
 
 

@@ -14,7 +14,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import fold
+from fused_resnet.backends import fold
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -196,21 +196,21 @@ def test_fused_path_is_taken(device):
     fused, _, _ = make_trio("resnet18", device)
     x = torch.randn(2, 3, 32, 32, device=device)
     assert fused.layer1[0].resolved_backend(x) != "reference"
-    from fused_resnet.nn import block_paths
+    from fused_resnet.nn.paths import block as block_paths, units
 
     assert block_paths.block_supported(fused.layer1[0])
     calls = []
-    orig = block_paths.unit
+    orig = units.unit
 
     def spy(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    block_paths.unit = spy
+    units.unit = spy
     try:
         fused(x)
     finally:
-        block_paths.unit = orig
+        units.unit = orig
     assert len(calls) == 1 + 2 * 8 + 3  # stem + two per block + three downsamples
 
 

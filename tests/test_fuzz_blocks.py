@@ -40,7 +40,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import block_paths
+from fused_resnet.nn.paths import units
 from helpers import MIN_BN_VALUES
 
 HERE = Path(__file__).parent
@@ -96,7 +96,7 @@ def block_specs(draw, kind=None, tiny=False, dtypes=(torch.float32, torch.float6
     # per group into it is scale invariant, so that weight's gradient is ~0
     # made of O(10) terms): the result is rounding noise, which eager's CPU
     # BatchNorm (double accumulators) draws smaller than ours (fp32, as
-    # DESIGN.md asks), and the criterion fails by chance. Measured over
+    # docs/numerics.md asks), and the criterion fails by chance. Measured over
     # 2e4-6e4 random examples each: fp64 with 2 values per channel failed
     # once (a 2-sample channel), fp32 with 4-8 values and one-channel groups
     # in ~1e-4 to 3e-2 of examples; with the limits below, never. fp64
@@ -183,17 +183,17 @@ def count_fused_units():
     """Counts calls of the fused per-unit path (so a block that silently fell
     back to its reference forward fails the test)."""
     calls = []
-    orig = block_paths.unit
+    orig = units.unit
 
     def spy(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    block_paths.unit = spy
+    units.unit = spy
     try:
         yield calls
     finally:
-        block_paths.unit = orig
+        units.unit = orig
 
 
 def check_block(spec, backend="cpu"):
@@ -262,7 +262,7 @@ CHILD = r"""
 import json, sys
 sys.path.insert(0, HERE)
 from hypothesis import given, settings
-import fused_resnet.triton.launch as launch
+import fused_resnet.backends.triton.launch as launch
 import test_fuzz_blocks as t
 
 launched = []

@@ -14,7 +14,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import block_paths
+from fused_resnet.nn.paths import block as block_paths
 from helpers import make_trio
 
 RETURN = {"relu": "stem", "layer1": "c2", "layer2": "c3", "layer4": "c5", "fc": "logits"}

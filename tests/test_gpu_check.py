@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 
-from fused_resnet import cli
-from fused_resnet.bench import auto_choice, layers, providers, report, runner
-from fused_resnet.gpu_check import check, plan, record, selection, steps as gsteps, tuned_configs
-from fused_resnet.gpu_check.costs import Figure
+import fused_resnet
+from fused_resnet.tools import cli
+from fused_resnet.tools.bench import auto_choice, layers, providers, report, runner
+from fused_resnet.tools.gpu_check import check, plan, record, selection, steps as gsteps, tuned_configs
+from fused_resnet.tools.gpu_check.costs import Figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100 = "NVIDIA H100 80GB HBM3"
@@ -318,11 +319,11 @@ def test_record_writer_copies_each_file_out_and_collects_the_log(tmp_path):
 @pytest.fixture
 def tuning(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    from fused_resnet.triton import autotune_budget, autotune_cache, launch
+    from fused_resnet.backends.triton import autotune_budget, autotune_cache, launch
 
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")  # tests/conftest.py turns it off
-    monkeypatch.setenv(autotune_budget.LOG_ENV, str(tmp_path / "tune.log"))
+    # tests/conftest.py turns autotuning off; the autouse fixture restores it.
+    fused_resnet.set_cache_dir(tmp_path / "cache")
+    fused_resnet.set_autotune(True, log=tmp_path / "tune.log")
     monkeypatch.setattr(launch, "_chosen", {})
     monkeypatch.setattr(autotune_cache, "_caches", {})
     autotune_budget.reset()
@@ -331,17 +332,17 @@ def tuning(tmp_path, monkeypatch):
 
 
 def _candidates():
-    from fused_resnet.triton import autotune_cache, conv_configs
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    from fused_resnet.backends.triton import autotune_cache, conv_configs
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
     return conv_configs.candidates(90, 2, 64), autotune_cache.make_key(90, "bfloat16-tf32", "bucket", KERNEL_VERSION)
 
 
 def test_a_spent_shape_budget_keeps_the_best_so_far_and_logs_the_cap(tuning, monkeypatch):
-    from fused_resnet.triton import autotune_budget, autotune_cache, launch
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    from fused_resnet.backends.triton import autotune_budget, autotune_cache, launch
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
-    monkeypatch.setenv(autotune_budget.SHAPE_ENV, "0")
+    fused_resnet.set_autotune(shape_s=0)
     timed = []
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: timed.append(cfg.name) or 1.0)
     cands, key = _candidates()
@@ -352,10 +353,10 @@ def test_a_spent_shape_budget_keeps_the_best_so_far_and_logs_the_cap(tuning, mon
 
 
 def test_a_spent_run_budget_takes_the_first_candidate_untimed_and_caches_nothing(tuning, monkeypatch):
-    from fused_resnet.triton import autotune_budget, autotune_cache, launch
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    from fused_resnet.backends.triton import autotune_budget, autotune_cache, launch
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
-    monkeypatch.setenv(autotune_budget.RUN_ENV, "0")
+    fused_resnet.set_autotune(run_s=0)
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: pytest.fail("timed a candidate"))
     cands, key = _candidates()
     assert launch.choose_config(key, cands, None) == cands[0]
@@ -364,17 +365,19 @@ def test_a_spent_run_budget_takes_the_first_candidate_untimed_and_caches_nothing
     assert autotune_cache.get_cache(KERNEL_VERSION).get(key) is None  # a later run still tunes it
 
 
-def test_a_bad_budget_names_the_variable(tuning, monkeypatch):
-    from fused_resnet.triton import autotune_budget
+def test_a_bad_budget_names_the_variable_and_keeps_the_default():
+    from fused_resnet import config
 
-    monkeypatch.setenv(autotune_budget.SHAPE_ENV, "soon")
-    with pytest.raises(ValueError, match="FUSED_RESNET_AUTOTUNE_SHAPE_S must be a number of seconds"):
-        autotune_budget.current()
+    with pytest.warns(RuntimeWarning, match="ignoring .FUSED_RESNET_AUTOTUNE_SHAPE_S='soon'"):
+        config.load_environment({"FUSED_RESNET_AUTOTUNE_SHAPE_S": "soon"})
+    assert config.get("autotune_shape_s") is None
+    with pytest.raises(ValueError, match="`shape_s` must be seconds >= 0 or None"):
+        fused_resnet.set_autotune(shape_s=-1)
 
 
 def test_tuned_configs_go_into_the_record_and_seed_the_next_lease_of_that_gpu(tuning):
-    from fused_resnet.triton import autotune_cache
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    from fused_resnet.backends.triton import autotune_cache
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
     key = f"sm90|bfloat16-tf32|bucket|{KERNEL_VERSION}"
     old = "sm90|bfloat16-tf32|bucket|conv2d_fwd-v0"
@@ -395,7 +398,7 @@ def test_tuned_configs_go_into_the_record_and_seed_the_next_lease_of_that_gpu(tu
 
 
 def test_the_commit_comes_from_the_environment_where_git_has_none(monkeypatch):
-    from fused_resnet.bench import environment
+    from fused_resnet.tools.bench import environment
 
     def no_git(*args, **kwargs):
         raise OSError("no git here")

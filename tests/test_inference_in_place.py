@@ -11,13 +11,13 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet import _backend, numerics
-from fused_resnet.bench.timing import peak_memory_bytes
+from fused_resnet import dispatch, numerics
+from fused_resnet.tools.bench.timing import peak_memory_bytes
 
 from helpers import make_trio
 
 pytestmark = [
-    pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built"),
+    pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built"),
     pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the in-place path is oneDNN's"),
 ]
 

@@ -16,7 +16,7 @@ from helpers import randomise_bn
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import block_paths
+from fused_resnet.nn.paths import units
 
 
 # torch.jit warns that it is deprecated; that is the point of these tests.
@@ -45,8 +45,8 @@ def _trio(kind: str):
 
 def _count_units(monkeypatch) -> list:
     calls = []
-    real = block_paths.unit
-    monkeypatch.setattr(block_paths, "unit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = units.unit
+    monkeypatch.setattr(units, "unit", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

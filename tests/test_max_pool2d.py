@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import max_pool2d
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (kernel_size, stride, padding, dilation, ceil_mode): ResNet's stem pool first.
@@ -17,7 +17,7 @@ CONFIGS = [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, None, 0, 1, False), (3, 
 
 
 def _native_ran(x):
-    return _backend.has_kernel("max_pool2d", "CPU") and x.device.type == "cpu"
+    return dispatch.has_kernel("max_pool2d", "CPU") and x.device.type == "cpu"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

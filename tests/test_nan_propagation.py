@@ -158,7 +158,7 @@ def test_finite_inputs_keep_the_fused_relu():
 
 
 def test_finite_bounds_bookkeeping():
-    from fused_resnet.nn import finite_bounds as fb
+    from fused_resnet.backends.cpu import finite_bounds as fb
 
     fb.forget()
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ import torchvision
 
 import fused_resnet
 from fused_resnet import numerics
-from fused_resnet.nn import fold
+from fused_resnet.backends import fold
 from fused_resnet.optimize import CUDAGraphModule
 
 from helpers import make_trio, randomise_bn

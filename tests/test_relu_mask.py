@@ -5,10 +5,10 @@ layout, opcheck, bad inputs."""
 import pytest
 import torch
 
-from fused_resnet import _backend
+from fused_resnet import dispatch
 from fused_resnet.ops import reference, relu_mask
 
-pytestmark = pytest.mark.skipif(not _backend.native_loaded(), reason="fused_resnet._C not built")
+pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -26,7 +26,7 @@ def test_bits_match_the_reference(dtype, channels_last, shape):
     assert got.dtype == torch.uint8 and got.shape == ((y.numel() + 7) // 8,)
     assert torch.equal(got, reference.relu_mask(y))
     assert got[0].item() & 0b111 == 0b101
-    assert _backend.has_kernel("relu_mask", "CPU")
+    assert dispatch.has_kernel("relu_mask", "CPU")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -56,5 +56,5 @@ def test_cuda_kernel_matches_the_cpu_kernel(dtype, channels_last):
     y[0, 0, 0, :3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
     if channels_last:
         y = y.to(memory_format=torch.channels_last)
-    assert _backend.has_kernel("relu_mask", "CUDA")
+    assert dispatch.has_kernel("relu_mask", "CUDA")
     assert torch.equal(relu_mask(y.cuda()).cpu(), relu_mask(y))

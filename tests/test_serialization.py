@@ -19,7 +19,8 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet.nn import fold, timm_blocks
+from fused_resnet.backends import fold
+from fused_resnet.nn import timm_blocks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,7 +49,7 @@ def _assert_fused(name: str, model: torch.nn.Module) -> None:
         import timm.models.resnet
 
         assert isinstance(model.layer1[0], timm.models.resnet.BasicBlock)
-        assert isinstance(model.layer1[0], timm_blocks._FusedTimmBlock)
+        assert isinstance(model.layer1[0], timm_blocks.FusedTimmBlock)
     else:
         assert isinstance(model, fused_resnet.ResNet)
 
@@ -77,11 +78,11 @@ def test_whole_model_checkpoints_load_in_a_fresh_process(tmp_path):
         import sys
         sys.path.insert(0, {HERE!r})
         import torch
-        from fused_resnet.nn import block_paths
+        from fused_resnet.nn.paths import units
         from test_serialization import _assert_fused
         calls = []
-        real = block_paths.unit
-        block_paths.unit = lambda *a, **k: calls.append(1) or real(*a, **k)
+        real = units.unit
+        units.unit = lambda *a, **k: calls.append(1) or real(*a, **k)
         for name in {names!r}:
             saved = torch.load({str(tmp_path)!r} + f"/{{name}}.pt", weights_only=False)
             model = saved["model"]
@@ -115,7 +116,7 @@ def test_torch_multiprocessing_spawn_takes_a_converted_model():
     mixin, y = queue.get()
     proc.join(timeout=120)
     assert proc.exitcode == 0
-    assert mixin == "_FusedStemMixin"
+    assert mixin == "FusedStemMixin"
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(y), model(x), rtol=1e-6, atol=1e-6)
 

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import fusions, numerics
-from fused_resnet.nn import block_paths
+from fused_resnet import config, numerics
+from fused_resnet.nn.paths import units
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
 from helpers import randomise_bn
 from interp_suite import count_kernel_launches, drop_interp_tests_outside_the_interpreter, run_interp_tests
@@ -80,7 +80,7 @@ def _check(y, x, wt, b, x2, wt2, s2, conv, relu, dtype, what):
 
 
 def _launch():
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     return launch
 
@@ -200,7 +200,7 @@ def _block(spec, dtype=torch.float32, backend="triton"):
 
 def _old_path(block, x):
     """The unfused eval path: downsample unit, then the last unit adding it."""
-    unit = block_paths.unit
+    unit = units.unit
     out = unit(block.conv1, block.bn1, x, None, True, "triton")
     if hasattr(block, "conv3"):
         out = unit(block.conv2, block.bn2, out, None, True, "triton")
@@ -218,7 +218,7 @@ def test_interp_block_eval_fuses_the_shortcut(name, dtype, monkeypatch):
     counts = _spy_kernels(monkeypatch)
     dt = DTYPES[dtype]
     fused, eager, ref, x = _block(BLOCKS[name], dt)
-    assert block_paths.get_fusions()["shortcut_gemm"]
+    assert fused_resnet.get_fusions()["shortcut_gemm"]
     with torch.no_grad():
         y = fused(x)
         numerics.assert_close_to_reference(y, eager(x), ref(x.double()), dtype=dt, what=f"{name} {dtype}")
@@ -234,7 +234,7 @@ def test_interp_switch_off_gives_the_old_path(name, monkeypatch):
     fused, eager, ref, x = _block(BLOCKS[name])
     old = fused_resnet.set_fusions(shortcut_gemm=False)
     try:
-        assert old["shortcut_gemm"] is True and not block_paths.FUSIONS["shortcut_gemm"]
+        assert old["shortcut_gemm"] is True and not config.fusion("shortcut_gemm")
         with torch.no_grad():
             y_off = fused(x)
             assert counts[SHORTCUT] == 0 and counts[PLAIN] == (4 if name.startswith("bottleneck") else 3)
@@ -341,7 +341,7 @@ def test_cpu_op_is_the_reference(dtype):
 def test_reference_is_the_folded_block_tail():
     """reference.conv2d_bias_act_shortcut with both BNs folded (fp64) is
     relu(bn3(conv3(out)) + bn_ds(conv_ds(x))), the eager block's tail."""
-    from fused_resnet.nn import fold
+    from fused_resnet.backends import fold
 
     fused, _, _, x = _block(BLOCKS["bottleneck-s2"], backend="reference")
     block = copy.deepcopy(fused).double().to(memory_format=torch.contiguous_format)
@@ -391,7 +391,7 @@ def test_bad_arguments_name_the_argument():
 
 def test_launcher_refuses_statistics_with_the_shortcut():
     pytest.importorskip("triton")
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["1x1_sc_s2_odd"], torch.float32)
     with pytest.raises(ValueError, match="inference-only"):
@@ -404,7 +404,7 @@ def test_set_fusions_and_the_environment():
     old = fused_resnet.set_fusions(shortcut_gemm=False)
     off = dict(old, shortcut_gemm=False)
     try:
-        assert fused_resnet.get_fusions() == off == block_paths.FUSIONS
+        assert fused_resnet.get_fusions() == off == config.get("fusions")
         assert fused_resnet.set_fusions(shortcut_gemm=True) == off
         with pytest.raises(ValueError, match="unknown fusion 'prologue_bn'"):
             fused_resnet.set_fusions(prologue_bn=True)
@@ -413,12 +413,16 @@ def test_set_fusions_and_the_environment():
     finally:
         fused_resnet.set_fusions(**old)
     defaults = {"shortcut_gemm": True, "prologue": False, "prologue_dgrad": True}
-    assert fusions._fusions_from_env(None) == defaults
-    assert fusions._fusions_from_env("shortcut_gemm=0") == dict(defaults, shortcut_gemm=False)
-    assert fusions._fusions_from_env(" Shortcut_GEMM = off ,prologue=on") == dict(defaults, shortcut_gemm=False,
-                                                                                  prologue=True)
-    with pytest.warns(RuntimeWarning, match="ignoring 'bogus=1'"):
-        assert fusions._fusions_from_env("bogus=1,shortcut_gemm=1") == defaults
+
+    def from_env(text):
+        config.load_environment({} if text is None else {"FUSED_RESNET_FUSIONS": text})
+        return config.get_fusions()
+
+    assert from_env(None) == defaults
+    assert from_env("shortcut_gemm=0") == dict(defaults, shortcut_gemm=False)
+    assert from_env(" Shortcut_GEMM = off ,prologue=on") == dict(defaults, shortcut_gemm=False, prologue=True)
+    with pytest.warns(RuntimeWarning, match="ignoring .FUSED_RESNET_FUSIONS='bogus=1,shortcut_gemm=0'"):
+        assert from_env("bogus=1,shortcut_gemm=0") == defaults
     env = dict(os.environ, FUSED_RESNET_FUSIONS="shortcut_gemm=0")
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", "import fused_resnet; print(fused_resnet.get_fusions())"],
@@ -476,8 +480,8 @@ def _aot_jobs(arch: int) -> list[dict]:
     MODE_FLAT (bf16, fp16) found these the most register-hungry or tied
     (sm_90 bf16: FLAT 96-217 registers, CBLOCK 96-205, GEMM 64-196; fp32
     CBLOCK up to 240, no spills anywhere)."""
-    from fused_resnet.triton import conv_configs
-    from fused_resnet.triton.conv2d_fwd import MODE_CBLOCK, MODE_FLAT
+    from fused_resnet.backends.triton import conv_configs
+    from fused_resnet.backends.triton.conv2d_fwd import MODE_CBLOCK, MODE_FLAT
 
     jobs = []
     for itemsize, cfg in conv_configs.all_configs(arch):
@@ -492,7 +496,7 @@ def _aot_compile_one(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_resnet.triton.conv2d_fwd import conv2d_fwd_shortcut_kernel as kernel
+    from fused_resnet.backends.triton.conv2d_fwd import conv2d_fwd_shortcut_kernel as kernel
 
     cfg, dt = job["cfg"], job["dtype"]
     sig = {n: "*fp32" for n in _PTR_ARGS}

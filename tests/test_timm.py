@@ -34,7 +34,7 @@ def _trio(name):
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
 def test_converted_timm_model_matches_in_eval(name):
     fused, eager, ref = _trio(name)
-    blocks = [m for m in fused.modules() if isinstance(m, timm_blocks._FusedTimmBlock)]
+    blocks = [m for m in fused.modules() if isinstance(m, timm_blocks.FusedTimmBlock)]
     assert len(blocks) == sum(len(getattr(fused, f"layer{i}")) for i in range(1, 5))
     with torch.no_grad():
         compare_step(fused, eager, ref, torch.randn(2, 3, 32, 32), train=False, what=f"timm {name} eval",
@@ -51,10 +51,10 @@ def test_fused_path_is_taken(monkeypatch):
     if "cpu" not in fused_resnet.available_backends():
         pytest.skip("no native CPU kernels built")
     calls = []
-    from fused_resnet.nn import block_paths
+    from fused_resnet.nn.paths import units
 
-    real = block_paths.unit
-    monkeypatch.setattr(block_paths, "unit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = units.unit
+    monkeypatch.setattr(units, "unit", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused.train()(torch.randn(2, 3, 32, 32))
     assert len(calls) == 8 * 2 + 3  # two units per block, plus the three downsample units
 
@@ -65,7 +65,7 @@ def test_se_blocks_are_left_unchanged_with_a_warning():
     before = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"layer1\.0 .*Bottleneck"):
         fused_resnet.convert(model)
-    assert not any(isinstance(m, timm_blocks._FusedTimmBlock) for m in model.modules())
+    assert not any(isinstance(m, timm_blocks.FusedTimmBlock) for m in model.modules())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), before(x))

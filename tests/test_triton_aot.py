@@ -35,7 +35,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from fused_resnet.triton import conv_configs  # noqa: E402
+from fused_resnet.backends.triton import conv_configs  # noqa: E402
 
 # Per-block shared memory limits (opt-in maximum): A100 163 KB, H100 227 KB.
 ARCHS = {80: ("sm_80", 163 * 1024), 90: ("sm_90a", 227 * 1024)}
@@ -58,7 +58,7 @@ def _ptxas() -> str | None:
 
 
 def _jobs(arch: int) -> list[dict]:
-    from fused_resnet.triton.conv2d_fwd import MODE_CBLOCK, MODE_FLAT, MODE_GEMM
+    from fused_resnet.backends.triton.conv2d_fwd import MODE_CBLOCK, MODE_FLAT, MODE_GEMM
 
     heavy = dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=True, RELU=True, EMIT_STATS=True)
     jobs = []
@@ -84,7 +84,7 @@ def _compile_one(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fused_resnet.triton import conv2d_fwd
+    from fused_resnet.backends.triton import conv2d_fwd
 
     kernel = {"prologue": conv2d_fwd.conv2d_fwd_prologue_kernel, "dgrad": conv2d_fwd.conv2d_dgrad_prologue_kernel,
               "plain": conv2d_fwd.conv2d_fwd_kernel}[job["kernel"]]

@@ -2,7 +2,7 @@
 op's CPU (aten) path, autograd, fake kernel, torch.compile and autotune cache.
 
 Why a subprocess: Triton reads TRITON_INTERPRET when @triton.jit decorates a
-function, i.e. when fused_resnet.triton.conv2d_fwd is first imported, and a
+function, i.e. when fused_resnet.backends.triton.conv2d_fwd is first imported, and a
 pytest process imports it once for every module. So the `test_interp_*`
 tests below run only in a child pytest process started with
 TRITON_INTERPRET=1 in its environment before anything is imported
@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.ops import conv2d_bn_act, reference
 from interp_suite import drop_interp_tests_outside_the_interpreter, run_interp_tests
@@ -87,7 +88,7 @@ def _check(out, x, wt, sc, sf, r, relu, stats, conv, dtype, what):
 
 
 def _launch():
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     return launch
 
@@ -245,7 +246,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_config_lists_and_buckets():
-    from fused_resnet.triton import conv_configs as cc
+    from fused_resnet.backends.triton import conv_configs as cc
 
     for arch in (80, 90):
         for itemsize in (2, 4):
@@ -263,7 +264,7 @@ def test_config_lists_and_buckets():
 
 
 def test_autotune_cache_roundtrip_and_corruption(tmp_path):
-    from fused_resnet.triton import autotune_cache as ac
+    from fused_resnet.backends.triton import autotune_cache as ac
 
     path = tmp_path / "sub" / "autotune-test.json"
     c = ac.AutotuneCache(path)
@@ -285,7 +286,7 @@ def test_autotune_cache_roundtrip_and_corruption(tmp_path):
 
 
 def test_unwritable_cache_warns_and_keeps_working(tmp_path):
-    from fused_resnet.triton import autotune_cache as ac
+    from fused_resnet.backends.triton import autotune_cache as ac
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -297,17 +298,17 @@ def test_unwritable_cache_warns_and_keeps_working(tmp_path):
 
 def test_choose_config_uses_cache_and_retunes_unknown_names(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
-    from fused_resnet.triton import autotune_cache as ac
-    from fused_resnet.triton import conv_configs as cc
-    from fused_resnet.triton import launch
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    fused_resnet.set_cache_dir(tmp_path)
+    from fused_resnet.backends.triton import autotune_cache as ac
+    from fused_resnet.backends.triton import conv_configs as cc
+    from fused_resnet.backends.triton import launch
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
     cands = cc.candidates(90, 2, 64)
     timed = []
     fake_times = {c.name: 1.0 + i for i, c in enumerate(cands)}
     fake_times[cands[2].name] = 0.5
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")  # tests/conftest.py turns it off
+    fused_resnet.set_autotune(True)  # tests/conftest.py turns it off
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: timed.append(cfg.name) or fake_times[cfg.name])
     monkeypatch.setattr(launch, "_chosen", {})
     key = ac.make_key(90, "bfloat16-tf32", "bucket-a", KERNEL_VERSION)
@@ -325,12 +326,12 @@ def test_choose_config_uses_cache_and_retunes_unknown_names(tmp_path, monkeypatc
 
 def test_autotune_off_takes_the_first_candidate_untimed(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "0")
-    from fused_resnet.triton import autotune_cache as ac
-    from fused_resnet.triton import conv_configs as cc
-    from fused_resnet.triton import launch
-    from fused_resnet.triton.conv2d_fwd import KERNEL_VERSION
+    fused_resnet.set_cache_dir(tmp_path)
+    fused_resnet.set_autotune(False)
+    from fused_resnet.backends.triton import autotune_cache as ac
+    from fused_resnet.backends.triton import conv_configs as cc
+    from fused_resnet.backends.triton import launch
+    from fused_resnet.backends.triton.conv2d_fwd import KERNEL_VERSION
 
     def never(run, cfg):
         raise AssertionError("timed a config with autotuning off")
@@ -342,12 +343,11 @@ def test_autotune_off_takes_the_first_candidate_untimed(tmp_path, monkeypatch):
     assert launch.choose_config(key, cands, None) == cands[0]
     # Nothing remembered: turning autotuning on later tunes this key.
     assert key not in launch._chosen and ac.get_cache(KERNEL_VERSION).get(key) is None
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
+    fused_resnet.set_autotune(True)
     monkeypatch.setattr(launch, "_benchmark", lambda run, cfg: 0.5 if cfg == cands[-1] else 1.0)
     assert launch.choose_config(key, cands, None) == cands[-1]
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "yes")
-    with pytest.raises(ValueError, match="FUSED_RESNET_AUTOTUNE must be 0 or 1"):
-        launch.choose_config(key + "-2", cands, None)
+    with pytest.raises(TypeError, match="`enabled` must be True or False"):
+        fused_resnet.set_autotune("yes")
 
 
 def test_the_tuning_flag_is_set_only_while_timing(monkeypatch):
@@ -356,7 +356,7 @@ def test_the_tuning_flag_is_set_only_while_timing(monkeypatch):
     pytest.importorskip("triton")
     import triton
 
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     seen = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.ops import reference
 
@@ -61,7 +62,7 @@ def _prologue_vectors(ci):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(RESNET50))
 def test_resnet50_shapes(name, dtype, batch):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     dt = DTYPES[dtype]
     x, wt, sc, sf, r, conv = _inputs(name, batch, dt)
@@ -75,7 +76,7 @@ def test_resnet50_shapes(name, dtype, batch):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_grouped_and_dilated(dtype):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     dt = DTYPES[dtype]
     for (ci, co, groups, dil) in [(128, 128, 32, 1), (256, 256, 32, 1), (256, 256, 1, 2)]:
@@ -88,7 +89,7 @@ def test_grouped_and_dilated(dtype):
 
 
 def test_fp32_respects_the_tf32_flag():
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     x, wt, _, _, _, conv = _inputs("l3_3x3", 4, torch.float32)
     ref = torch.nn.functional.conv2d(x.double(), wt.double(), **conv)
@@ -124,7 +125,7 @@ PROLOGUE_SHAPES = ["l1_1x1_reduce", "l1_3x3", "l1_1x1_expand", "l3_3x3", "l4_1x1
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", PROLOGUE_SHAPES)
 def test_prologue_conv_and_its_fused_dgrad(name, dtype):
-    from fused_resnet.triton import launch
+    from fused_resnet.backends.triton import launch
 
     dt = DTYPES[dtype]
     x, wt, _, _, _, conv = _inputs(name, 32, dt)
@@ -152,7 +153,7 @@ CONFIG_SHAPES = ["stem_7x7_s2", "l1_1x1_reduce", "l2_3x3_s2", "l3_3x3"]  # flat-
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", CONFIG_SHAPES)
 def test_every_candidate_config_matches_the_reference(name, dtype):
-    from fused_resnet.triton import conv_configs, launch
+    from fused_resnet.backends.triton import conv_configs, launch
 
     dt = DTYPES[dtype]
     x, wt, sc, sf, r, conv = _inputs(name, 2, dt)
@@ -169,7 +170,7 @@ def test_every_candidate_config_matches_the_reference(name, dtype):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_every_dgrad_candidate_config_matches_the_reference(dtype):
-    from fused_resnet.triton import conv_configs, launch
+    from fused_resnet.backends.triton import conv_configs, launch
 
     dt = DTYPES[dtype]
     x, wt, _, _, _, conv = _inputs("l3_3x3", 2, dt)
@@ -193,10 +194,10 @@ def test_autotuner_times_every_candidate_and_caches_its_choice(tmp_path, monkeyp
     """FUSED_RESNET_AUTOTUNE=1 on a real GPU: every candidate is timed once,
     the fastest is used and written to the disk cache, and the next process
     (an empty in-memory table) reads it back without timing."""
-    from fused_resnet.triton import autotune_cache, launch
+    from fused_resnet.backends.triton import autotune_cache, launch
 
-    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "1")
-    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path))
+    fused_resnet.set_autotune(True)
+    fused_resnet.set_cache_dir(tmp_path)
     monkeypatch.setattr(autotune_cache, "_caches", {})
     monkeypatch.setattr(launch, "_chosen", {})
     timed = []

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-launch = pytest.importorskip("fused_resnet.triton.launch")
+launch = pytest.importorskip("fused_resnet.backends.triton.launch")
 
 
 @pytest.fixture(autouse=True)

@@ -24,18 +24,9 @@ namespace {
 // default allocator is as fast and the cache would only fragment.
 constexpr size_t kMinCachedBytes = size_t(256) << 10;
 constexpr size_t kPage = 4096;
+// The limit until Python sets the configured one (fused_resnet/config.py,
+// "cpu_cache_mb"), which reads FUSED_RESNET_CPU_CACHE_MB.
 constexpr int64_t kDefaultLimitMiB = 256;
-
-int64_t limit_from_env() {
-  const char* v = std::getenv("FUSED_RESNET_CPU_CACHE_MB");
-  if (v == nullptr || *v == '\0') return kDefaultLimitMiB << 20;
-  char* end = nullptr;
-  const long long mib = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && mib >= 0,
-              "fused_resnet: FUSED_RESNET_CPU_CACHE_MB must be a whole number of MiB >= 0 (0 turns the cache off), got '",
-              v, "'");
-  return static_cast<int64_t>(mib) << 20;
-}
 
 struct Block {
   void* ptr;
@@ -120,7 +111,7 @@ class OutputCache final : public c10::Allocator {
   size_t limit() const { return limit_.load(std::memory_order_relaxed); }
 
  private:
-  OutputCache() : limit_(static_cast<size_t>(limit_from_env())) {}
+  OutputCache() : limit_(static_cast<size_t>((kDefaultLimitMiB << 20))) {}
 
   static void destroy(Block* b) {
     c10::free_cpu(b->ptr);

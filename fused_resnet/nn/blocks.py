@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import _backend
-from . import fx_tracing
+from .. import dispatch
+from . import fx_tracing, paths
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -46,16 +46,12 @@ class _FusedBlockMixin:
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        self._backend_choice = None if name is None else _backend.validate(name)
+        self._backend_choice = None if name is None else dispatch.validate(name)
 
     def resolved_backend(self, x: torch.Tensor) -> str:
-        """The backend this block runs for input x."""
-        return _backend.resolve(self._backend_choice, x.device)
-
-    def _fused_forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        from . import block_paths  # late: paths import the ops, which may load kernels
-
-        return block_paths.block_forward(self, x, backend)
+        """The backend this block's first unit runs for input x (auto may
+        pick another for other layer classes on a GPU)."""
+        return paths.units.resolve(self._backend_choice, x, self.bn1, "inner", self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -69,21 +65,15 @@ class _FusedBlockMixin:
         return self._forward_untraced(x)
 
     @torch.jit.unused
-    def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
-        backend = self.resolved_backend(x)
-        if backend == "reference":
+    def _forward_untraced(self, x: torch.Tensor, input_owned: bool = False) -> torch.Tensor:
+        if dispatch.runs_eager(self._backend_choice, x.device) or not paths.block.block_supported(self):
             return self.reference_forward(x)
-        return self._fused_forward(x, backend)
+        return paths.block.block_forward(self, x, self._backend_choice, input_owned)
 
     def _forward_input_owned(self, x: torch.Tensor) -> torch.Tensor:
         """forward(), told that nobody reads x afterwards (a ResNet's own
-        chain of blocks, see block_paths.may_overwrite_block_inputs)."""
-        from . import block_paths
-
-        backend = self.resolved_backend(x)
-        if backend == "reference":
-            return self.reference_forward(x)
-        return block_paths.block_forward(self, x, backend, input_owned=True)
+        chain of blocks, see paths/ownership.py)."""
+        return self._forward_untraced(x, input_owned=True)
 
 
 class FusedBasicBlock(_FusedBlockMixin, nn.Module):

@@ -10,14 +10,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import _backend, _conv_args, ops
-from . import block_paths
+from .. import dispatch, ops
+from ..backends import bn_modules
+from . import paths
 
 __all__ = ["run_unit", "run_bn_act", "run_add_relu", "timm_bn_act"]
 
 
 def _choice(owner_backend: str | None, x: torch.Tensor) -> str:
-    return _backend.resolve(owner_backend, x.device)
+    return dispatch.resolve(owner_backend, x.device)
 
 
 def _residual_fits(residual, shape: torch.Size) -> bool:
@@ -38,38 +39,39 @@ def timm_bn_act(m: nn.Module) -> bool | None:
 
 
 def fusable_bn(bn: nn.Module) -> bool:
-    """A BatchNorm the chains fuse: block_paths' kinds and timm's BatchNormAct2d."""
-    return block_paths.bn_supported(bn) or timm_bn_act(bn) is not None
+    """A BatchNorm the chains fuse: the units' kinds and timm's BatchNormAct2d."""
+    return bn_modules.bn_supported(bn) or timm_bn_act(bn) is not None
 
 
 def run_unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual, relu: bool, prologue: nn.Module | None,
              backend: str | None) -> torch.Tensor:
     """relu?(bn(conv(prologue(x))) [+ residual]), prologue = BN + ReLU."""
-    chosen = _choice(backend, x)
-    if chosen == "reference" or not (fusable_bn(bn) and block_paths.is_plain_conv(conv)):
+    if dispatch.runs_eager(backend, x.device) or not (fusable_bn(bn) and bn_modules.is_plain_conv(conv)):
         if prologue is not None:
             x = run_bn_act(prologue, x, None, True, backend)
         return _eager_tail(bn(conv(x)), residual, relu)
+    chosen = _choice(backend, x)
     if prologue is not None:
-        if block_paths.prologue_conv_usable(prologue, conv, x, chosen):
-            z, s, ss = block_paths.prologue_conv(prologue, conv, x, chosen)
-            stats = block_paths.stats_from_sums(z, s, ss) if block_paths.uses_batch_stats(bn) else (None, None)
+        fused = dispatch.kernel("prologue_conv", chosen, x.device.type)(prologue, conv, x, chosen)
+        if fused is not None:
+            z, s, ss = fused
+            stats = bn_modules.stats_from_sums(z, s, ss) if bn_modules.uses_batch_stats(bn) else (None, None)
             return _bn_tail(bn, z, residual, relu, chosen, *stats)
         x = run_bn_act(prologue, x, None, True, backend)
     if residual is not None and not _residual_fits(residual, _conv_out_shape(conv, x)):
-        return _eager_tail(block_paths.unit(conv, bn, x, None, False, chosen), residual, relu)
-    return block_paths.unit(conv, bn, x, residual, relu, chosen)
+        return _eager_tail(paths.units.unit(conv, bn, x, None, False, chosen), residual, relu)
+    return paths.units.unit(conv, bn, x, residual, relu, chosen)
 
 
 def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> torch.Size:
-    oh, ow = _conv_args.out_hw(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    oh, ow = ops.conv_args.out_hw(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
     return torch.Size((x.shape[0], conv.out_channels, oh, ow))
 
 
 def _bn_tail(bn, z, residual, relu, chosen, batch_mean=None, batch_var=None):
     if residual is not None and not _residual_fits(residual, z.shape):
-        return _eager_tail(block_paths.bn_act(bn, z, None, False, chosen, batch_mean, batch_var), residual, relu)
-    return block_paths.bn_act(bn, z, residual, relu, chosen, batch_mean, batch_var)
+        return _eager_tail(bn_modules.bn_act(bn, z, None, False, chosen, batch_mean, batch_var), residual, relu)
+    return bn_modules.bn_act(bn, z, residual, relu, chosen, batch_mean, batch_var)
 
 
 def _eager_tail(y, residual, relu):
@@ -80,10 +82,10 @@ def _eager_tail(y, residual, relu):
 
 def run_bn_act(bn: nn.Module, z: torch.Tensor, residual, relu: bool, backend: str | None) -> torch.Tensor:
     """relu?(bn(z) [+ residual]) in one pass."""
-    chosen = _choice(backend, z)
-    if chosen == "reference" or not fusable_bn(bn) or not isinstance(z, torch.Tensor) or z.dim() != 4:
+    if (not isinstance(z, torch.Tensor) or z.dim() != 4 or dispatch.runs_eager(backend, z.device)
+            or not fusable_bn(bn)):
         return _eager_tail(bn(z), residual, relu)
-    return _bn_tail(bn, z, residual, relu, chosen)
+    return _bn_tail(bn, z, residual, relu, _choice(backend, z))
 
 
 def run_add_relu(a, b, backend: str | None):

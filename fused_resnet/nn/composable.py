@@ -43,7 +43,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import _backend
+from .. import dispatch
 from .chains import run_add_relu, run_bn_act, run_unit
 
 __all__ = ["FusedModule", "ConvBNAct", "ResidualBlock", "PreActBlock"]
@@ -66,7 +66,7 @@ class FusedModule(nn.Module):
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        self._backend_choice = None if name is None else _backend.validate(name)
+        self._backend_choice = None if name is None else dispatch.validate(name)
 
 
 class ConvBNAct(FusedModule):

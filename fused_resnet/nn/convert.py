@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from .. import _backend
+from .. import dispatch
 from . import swapped, timm_blocks
 from .blocks import FusedBasicBlock, FusedBottleneck
 
@@ -41,7 +41,7 @@ def _swap_block(m: nn.Module, cls: type[nn.Module], backend: str | None) -> nn.M
     return new
 
 
-class _FusedStemMixin(swapped.PicklableSwap):
+class FusedStemMixin(swapped.PicklableSwap):
     """Mixed into a converted torchvision ResNet's class so its stem
     (conv1 -> bn1 -> relu) runs fused too; isinstance checks still hold
     (see swapped.py for pickling and scripting)."""
@@ -56,36 +56,31 @@ class _FusedStemMixin(swapped.PicklableSwap):
 
     @torch.jit.unused
     def _fused_forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        from .resnet import ResNet
+        from .resnet import fused_forward
 
-        return ResNet._fused_forward_impl(self, x)
-
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        from .resnet import ResNet
-
-        return ResNet._stem(self, x)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        from .resnet import ResNet
-
-        return ResNet._pool(self, x)
-
-    def _layers(self, held: list[torch.Tensor], model_input: torch.Tensor) -> torch.Tensor:
-        from .resnet import ResNet
-
-        return ResNet._layers(self, held, model_input)
+        return fused_forward(self, x)
 
 
 def _with_fused_stem(model: nn.Module, backend: str | None) -> None:
-    if isinstance(model, _FusedStemMixin):
+    if isinstance(model, FusedStemMixin):
         model._backend_choice = backend
         return
     if type(model).__name__ != "ResNet" or not all(
         hasattr(model, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc")
     ):
         return
-    swapped.swap_class(model, _FusedStemMixin)
+    swapped.swap_class(model, FusedStemMixin)
     model._backend_choice = backend
+
+
+def convertible(m: nn.Module) -> bool:
+    """Whether convert() would fuse module `m` itself: a torchvision
+    BasicBlock/Bottleneck, or a timm one it can fuse exactly, not fused yet."""
+    if _is_torchvision_block(m, "BasicBlock", _BASIC_ATTRS) or _is_torchvision_block(m, "Bottleneck",
+                                                                                      _BOTTLENECK_ATTRS):
+        return True
+    return (timm_blocks.is_timm_block(m) and not isinstance(m, timm_blocks.FusedTimmBlock)
+            and timm_blocks.fusable(m))
 
 
 def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
@@ -105,7 +100,7 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
     if backend is not None:
-        backend = _backend.validate(backend)
+        backend = dispatch.validate(backend)
     skipped: list[str] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import dispatch
+from . import fx_tracing, paths
 from .blocks import FusedBasicBlock, FusedBottleneck, conv1x1
 
 __all__ = [
@@ -138,9 +140,7 @@ class ResNet(nn.Module):
     def set_backend(self, name: str | None) -> "ResNet":
         """Choose the backend of every fused part of this model (None: follow
         the global choice). Returns self."""
-        from .. import _backend
-
-        self._backend_choice = None if name is None else _backend.validate(name)
+        self._backend_choice = None if name is None else dispatch.validate(name)
         for m in self.modules():
             if isinstance(m, (FusedBasicBlock, FusedBottleneck)):
                 m.backend = self._backend_choice
@@ -149,18 +149,6 @@ class ResNet(nn.Module):
     @property
     def backend(self) -> str | None:
         return self._backend_choice
-
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import _backend
-
-        backend = _backend.resolve(self._backend_choice, x.device)
-        if backend == "reference":
-            x = self.conv1(x)
-            x = self.bn1(x)
-            return self.relu(x)
-        from . import block_paths
-
-        return block_paths.stem_forward(self, x, backend)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -184,51 +172,54 @@ class ResNet(nn.Module):
 
     @torch.jit.unused
     def _fused_forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        from . import fx_tracing
-
-        if fx_tracing.symbolic_tracing():
-            # torchvision's structure, module by module (nn/fx_tracing.py);
-            # the stem as its eager modules, so its nodes keep their names.
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        else:
-            # The pooled stem output goes to _layers in a list it empties, so
-            # that no frame of ours keeps it alive once layer1 has consumed it.
-            x = self._layers([self._pool(self._stem(x))], x)
-
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-        return x
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import _backend
-        from . import block_paths
-
-        return block_paths.pool_forward(self, x, _backend.resolve(self._backend_choice, x.device))
-
-    def _layers(self, held: list[torch.Tensor], model_input: torch.Tensor) -> torch.Tensor:
-        """layer1..layer4 on held.pop() (the pooled stem output)."""
-        from . import block_paths
-
-        x = held.pop()
-        layers = [self.layer1, self.layer2, self.layer3, self.layer4]
-        if not block_paths.may_overwrite_block_inputs(self, layers, x, model_input):
-            for layer in layers:
-                x = layer(x)
-            return x
-        # Inference without hooks: every block input is a temporary of this
-        # loop, so an identity block may write its output over its input
-        # (what torch.compile's memory planning does): fewer allocations and
-        # a lower peak, which on CPU also keeps the allocator from handing
-        # pages back to the OS and faulting them in again on the next call.
-        for layer in layers:
-            for block in layer:
-                x = block._forward_input_owned(x)
-        return x
+        return fused_forward(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_impl(x)
+
+
+def fused_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused forward of a ResNet (ours, or torchvision's after convert()):
+    stem, pool, layers, head, with torchvision's structure under torch.fx."""
+    if fx_tracing.symbolic_tracing():
+        # torchvision's structure, module by module (nn/fx_tracing.py); the
+        # stem as its eager modules, so its nodes keep their names.
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    else:
+        # The pooled stem output goes to _layers in a list it empties, so
+        # that no frame of ours keeps it alive once layer1 has consumed it.
+        x = _layers(model, [_stem_and_pool(model, x)], x)
+    x = model.avgpool(x)
+    x = torch.flatten(x, 1)
+    return model.fc(x)
+
+
+def _stem_and_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    choice = model._backend_choice
+    if dispatch.runs_eager(choice, x.device):
+        return model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return paths.stem.pool_forward(model, paths.stem.stem_forward(model, x, choice), choice)
+
+
+def _layers(model: nn.Module, held: list[torch.Tensor], model_input: torch.Tensor) -> torch.Tensor:
+    """layer1..layer4 on held.pop() (the pooled stem output)."""
+    x = held.pop()
+    layers = [model.layer1, model.layer2, model.layer3, model.layer4]
+    if not paths.ownership.may_overwrite_block_inputs(model, layers, x, model_input,
+                                                      (FusedBasicBlock, FusedBottleneck)):
+        for layer in layers:
+            x = layer(x)
+        return x
+    # Inference without hooks: every block input is a temporary of this loop,
+    # so an identity block may write its output over its input (what
+    # torch.compile's memory planning does): fewer allocations and a lower
+    # peak, which on CPU also keeps the allocator from handing pages back to
+    # the OS and faulting them in again on the next call.
+    for layer in layers:
+        for block in layer:
+            x = block._forward_input_owned(x)
+    return x
 
 
 def _resnet(

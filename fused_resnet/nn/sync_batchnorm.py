@@ -26,6 +26,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     included), running_var with the unbiased variance of that batch,
     parameter gradients local to each process (DDP averages them)."""
 
+    # The fused units treat it as a BatchNorm2d whose statistics they all-reduce
+    # (backends/bn_modules.py), without importing this module.
+    fused_resnet_sync_batchnorm = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)

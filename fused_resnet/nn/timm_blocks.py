@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _backend
-from . import finite_bounds, fx_tracing, swapped
+from .. import dispatch
+from . import fx_tracing, paths, swapped
 
 
-def _is_timm_block(m: nn.Module) -> bool:
+def is_timm_block(m: nn.Module) -> bool:
     # timm.models.resnet's own blocks: other timm families (regnet, ...) have
     # classes of the same names with other children.
     return type(m).__module__ == "timm.models.resnet" and type(m).__name__ in ("BasicBlock", "Bottleneck")
@@ -26,28 +26,18 @@ def _inactive(m: nn.Module | None) -> bool:
     return m is None or type(m) is nn.Identity
 
 
-def _units(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if hasattr(block, "conv3"):
-        pairs.append((block.conv3, block.bn3))
-    return pairs
-
-
 def fusable(block: nn.Module) -> bool:
     """True when the fused forward computes exactly what timm's forward does."""
-    from . import block_paths
-
     acts = [getattr(block, n, None) for n in ("act1", "act2", "act3") if hasattr(block, n)]
     return (
-        all(block_paths.unit_supported(c, b) for c, b in _units(block))
-        and block_paths._downsample_supported(block.downsample)
+        paths.block.block_supported(block)
         and all(type(a) is nn.ReLU for a in acts)
         and all(_inactive(getattr(block, n, None)) for n in ("se", "drop_block", "aa"))
         and getattr(block, "drop_path", None) is None
     )
 
 
-class _FusedTimmBlock(swapped.PicklableSwap):
+class FusedTimmBlock(swapped.PicklableSwap):
     """Mixed in front of timm's block class; see the module docstring (and
     swapped.py for pickling and scripting)."""
 
@@ -67,31 +57,18 @@ class _FusedTimmBlock(swapped.PicklableSwap):
 
     @torch.jit.unused
     def _forward_untraced(self, x: torch.Tensor) -> torch.Tensor:
-        from . import block_paths
-
-        backend = _backend.resolve(self._backend_choice, x.device)
-        if backend == "reference" or not fusable(self):
+        if dispatch.runs_eager(self._backend_choice, x.device) or not fusable(self):
             return self._library_forward(x)
-        unit = block_paths.unit
-        finite_bounds.new_scope()
-        if hasattr(self, "conv3"):
-            out = unit(self.conv1, self.bn1, x, None, True, backend)
-            out = unit(self.conv2, self.bn2, out, None, True, backend)
-            last = (self.conv3, self.bn3)
-        else:
-            out = unit(self.conv1, self.bn1, x, None, True, backend)
-            last = (self.conv2, self.bn2)
-        shortcut = block_paths._shortcut(self, x, backend)
-        return unit(last[0], last[1], out, shortcut, True, backend)
+        return paths.block.block_forward(self, x, self._backend_choice)
 
 
 def try_convert(block: nn.Module, backend: str | None) -> bool:
     """Fuse a timm block in place; False if it is not one we can fuse exactly."""
-    if isinstance(block, _FusedTimmBlock):
+    if isinstance(block, FusedTimmBlock):
         block._backend_choice = backend
         return True
-    if not (_is_timm_block(block) and fusable(block)):
+    if not (is_timm_block(block) and fusable(block)):
         return False
-    swapped.swap_class(block, _FusedTimmBlock)
+    swapped.swap_class(block, FusedTimmBlock)
     block._backend_choice = backend
     return True

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::add_relu")
     def _add_relu_fake(x, residual):
@@ -39,6 +38,4 @@ def add_relu(x: torch.Tensor, residual: torch.Tensor, *, backend: str | None = N
 
     Returns a new tensor in x's memory format. Differentiable in both inputs.
     """
-    if use_native("add_relu", x, backend):
-        return native_op("add_relu")(x, residual)
-    return reference.add_relu(x, residual)
+    return dispatch.kernel_for("add_relu", x, backend)(x, residual)

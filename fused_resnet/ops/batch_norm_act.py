@@ -24,22 +24,20 @@ as the kernels themselves. Same kernels, same saved tensors, same numbers.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .. import _backend, _compat
+from .. import _compat, config, dispatch
 from . import reference
-from ._dispatch import bump_versions, native_op, use_native
-from .bn_finalize import bn_finalize
+from .bn_finalize import bn_finalize, bump_versions
 from .bn_stats import bn_stats
 from .relu_mask import relu_mask
 
 
-def _apply(z, scale, shift, residual, relu, backend):
-    if use_native("bn_apply", z, backend):
-        return native_op("bn_apply")(z, scale, shift, residual, relu, None)
-    return reference.bn_apply(z, scale, shift, residual, relu, None)
+def apply_on_backend(z, scale, shift, residual, relu, backend):
+    """bn_apply on a resolved backend (the forward of batch_norm_act's op and
+    of the synchronised one)."""
+    return dispatch.kernel("bn_apply", backend, z.device.type)(z, scale, shift, residual, relu, None)
 
 
 @torch.library.custom_op("fused_resnet::batch_norm_act", mutates_args=())
@@ -59,7 +57,7 @@ def _batch_norm_act_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # weight and bias are inputs only so that autograd routes their gradients
     # here; their values are already folded into scale/shift.
-    return _apply(z, scale, shift, residual, relu, backend)
+    return apply_on_backend(z, scale, shift, residual, relu, backend)
 
 
 @_batch_norm_act_op.register_fake
@@ -94,10 +92,7 @@ def _backward(ctx, dy, _dmask):
     if ctx.reuse_output:
         dy, mask = _mask_by_output(dy, mask)
     args = (dy, z, mask, mean, invstd, weight, ctx.batch_stats, bool(need[3]))
-    if use_native("bn_backward", z, ctx.backend):
-        dz, dres, dw, db = native_op("bn_backward")(*args)
-    else:
-        dz, dres, dw, db = reference.bn_backward(*args)
+    dz, dres, dw, db = dispatch.kernel("bn_backward", ctx.backend, z.device.type)(*args)
     wdt, bdt, rdt = ctx.dtypes
     return (
         dz if need[0] else None,
@@ -111,52 +106,15 @@ def _backward(ctx, dy, _dmask):
 _batch_norm_act_op.register_autograd(_backward, setup_context=_setup)
 
 
-RELU_SAVES = ("mask", "output")
-_relu_saves: str | None = None
-
-
-def set_relu_saves(mode: str) -> None:
-    """What the fused BN + [add] + ReLU keeps for its backward:
-
-    - "output" (default): nothing new: the ReLU output y itself, which the
-      next convolution saves anyway, as eager's ReLU does, so a training step
-      holds no more activation memory than eager's. The backward first packs
-      the mask from y (ops.relu_mask: one read of y, 1/32 of its bytes
-      written), then runs as in "mask" mode;
-    - "mask": a 1-bit-per-element ReLU mask saved beside y (1/32 more
-      activation memory in fp32, 1/16 in fp16/bf16; the backward skips that
-      read of y).
-    $FUSED_RESNET_RELU_SAVES sets the default.
-    """
-    global _relu_saves
-    if mode not in RELU_SAVES:
-        raise ValueError(f"fused_resnet.set_relu_saves: mode must be one of {RELU_SAVES}, got {mode!r}")
-    _relu_saves = mode
-
-
-def relu_saves() -> str:
-    """The current choice (see set_relu_saves)."""
-    if _relu_saves is not None:
-        return _relu_saves
-    return _env_relu_saves()
-
-
-@_compat.assume_constant_result
-def _env_relu_saves() -> str:
-    env = os.environ.get("FUSED_RESNET_RELU_SAVES", "output")
-    if env not in RELU_SAVES:
-        raise ValueError(f"$FUSED_RESNET_RELU_SAVES must be one of {RELU_SAVES}, got {env!r}")
-    return env
-
-
 _NATIVE_STEPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
 
 
 def _native_steps(chosen: str, z: torch.Tensor) -> bool:
-    if chosen == "reference" or torch.compiler.is_compiling():
+    """Whether every step runs its C++/CUDA kernel on this backend and device
+    (the direct autograd.Function path), outside torch.compile."""
+    if torch.compiler.is_compiling():
         return False
-    key = "CUDA" if z.device.type == "cuda" else "CPU"
-    return all(_backend.has_kernel(op, key) for op in _NATIVE_STEPS)
+    return all(dispatch.runs_native(op, chosen, z.device.type) for op in _NATIVE_STEPS)
 
 
 # The ops' Python autograd registrations (refusals of double backward) would
@@ -270,7 +228,7 @@ def batch_norm_act(
     fp32 for fp16/bf16 z (autocast). Raises ValueError, as F.batch_norm does,
     for a single value per channel when using batch statistics.
     """
-    chosen = _backend.resolve(backend, z.device)
+    chosen = dispatch.resolve(backend, z.device)
     native = _native_steps(chosen, z)
     use_batch = training or (running_mean is None and running_var is None)
     acc = reference.stat_dtype(z.dtype)
@@ -303,7 +261,7 @@ def batch_norm_act(
             mean = running_mean.to(acc)
             scale, shift, invstd = _finalize(
                 native, chosen, mean, running_var.to(acc), count, weight, bias, None, None, None, momentum, eps)
-    reuse = relu and relu_saves() == "output"
+    reuse = relu and config.relu_saves() == "output"
     if native:
         return _NativeBatchNormAct.apply(z, weight, bias, residual, mean, invstd, scale, shift, relu, use_batch,
                                          reuse)

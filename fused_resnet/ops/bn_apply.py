@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_apply")
     def _bn_apply_fake(z, scale, shift, residual, relu, out_dtype=None):
@@ -69,6 +68,4 @@ def bn_apply(
     ceil(numel / 8) bytes, bit i % 8 of byte i // 8 = (y > 0) for element i in
     memory order; empty when relu is False).
     """
-    if use_native("bn_apply", z, backend):
-        return native_op("bn_apply")(z, scale, shift, residual, relu, out_dtype)
-    return reference.bn_apply(z, scale, shift, residual, relu, out_dtype)
+    return dispatch.kernel_for("bn_apply", z, backend)(z, scale, shift, residual, relu, out_dtype)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_backward")
     def _bn_backward_fake(dy, z, mask, mean, invstd, weight, batch_stats, need_residual_grad):
@@ -59,6 +58,5 @@ def bn_backward(
     in dy's dtype or an empty tensor, dweight, dbias in fp32 (fp64 for fp64)).
     Deterministic: partial sums are combined in a fixed order.
     """
-    if use_native("bn_backward", z, backend):
-        return native_op("bn_backward")(dy, z, mask, mean, invstd, weight, batch_stats, need_residual_grad)
-    return reference.bn_backward(dy, z, mask, mean, invstd, weight, batch_stats, need_residual_grad)
+    return dispatch.kernel_for("bn_backward", z, backend)(dy, z, mask, mean, invstd, weight, batch_stats,
+                                                          need_residual_grad)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_backward_elemt")
     def _bn_backward_elemt_fake(dy, z, mask, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
@@ -50,8 +49,5 @@ def bn_backward_elemt(
     dresidual = g (or an empty tensor), g = dy masked by the ReLU mask; the
     sums and `count` (values per channel) are over the whole synchronised
     batch. dz in z's dtype and memory format. One pass over memory."""
-    if use_native("bn_backward_elemt", z, backend):
-        return native_op("bn_backward_elemt")(dy, z, mask, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
-                                              need_residual_grad)
-    return reference.bn_backward_elemt(dy, z, mask, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
-                                       need_residual_grad)
+    return dispatch.kernel_for("bn_backward_elemt", z, backend)(dy, z, mask, mean, invstd, weight, sum_dy,
+                                                                sum_dy_xhat, count, need_residual_grad)

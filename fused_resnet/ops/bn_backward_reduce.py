@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_backward_reduce")
     def _bn_backward_reduce_fake(dy, z, mask, mean, invstd):
@@ -43,6 +42,4 @@ def bn_backward_reduce(
     masked by the ReLU mask (empty mask: no ReLU) and xhat = (z - mean) *
     invstd. They are this process's dbias and dweight. fp32 (fp64 for fp64 z),
     deterministic (fixed-order partial sums). Not differentiable."""
-    if use_native("bn_backward_reduce", z, backend):
-        return native_op("bn_backward_reduce")(dy, z, mask, mean, invstd)
-    return reference.bn_backward_reduce(dy, z, mask, mean, invstd)
+    return dispatch.kernel_for("bn_backward_reduce", z, backend)(dy, z, mask, mean, invstd)

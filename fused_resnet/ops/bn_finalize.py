@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from . import reference
-from ._dispatch import bump_versions, native_op, use_native
+from .. import _compat, dispatch
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_finalize")
     def _bn_finalize_fake(mean, var, count, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -46,10 +44,23 @@ def bn_finalize(
     Not differentiable (it mutates its inputs); fused_resnet.ops.batch_norm_act
     owns the gradient of the whole BatchNorm.
     """
-    if use_native("bn_finalize", mean, backend):
-        out = native_op("bn_finalize")(mean, var, count, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, momentum, eps)
+    chosen = dispatch.resolve(backend, mean.device)
+    out = dispatch.kernel("bn_finalize", chosen, mean.device.type)(mean, var, count, weight, bias, running_mean,
+                                                                   running_var, num_batches_tracked, momentum, eps)
+    if dispatch.runs_native("bn_finalize", chosen, mean.device.type):
         bump_versions(running_mean, running_var)
-        return out
-    return reference.bn_finalize(mean, var, count, weight, bias, running_mean, running_var,
-                                 num_batches_tracked, momentum, eps)
+    return out
+
+
+def bump_versions(*tensors) -> None:
+    """Mark tensors a native kernel wrote in place as changed.
+
+    The kernels write running statistics through raw pointers, and with no
+    autograd kernel registered nothing bumps their version counters, so
+    version-keyed caches (the BN fold cache) would keep a stale entry.
+    torch.compile functionalises the mutation itself and uses no such cache."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None:
+            _compat.bump_version(t)

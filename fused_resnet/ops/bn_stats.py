@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::bn_stats")
     def _bn_stats_fake(z):
@@ -50,6 +49,4 @@ def bn_stats(z: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tens
     Returns (mean, var), each of shape (C,), fp32 (fp64 for fp64 z). Partial
     results are merged in a fixed order, so the result is reproducible.
     """
-    if use_native("bn_stats", z, backend):
-        return native_op("bn_stats")(z)
-    return reference.bn_stats(z)
+    return dispatch.kernel_for("bn_stats", z, backend)(z)

@@ -6,9 +6,10 @@ launch.conv2d_dgrad_prologue for the kernel.
 
 An op (with a fake kernel) rather than a plain call because
 conv2d_prologue_bn_act's backward runs it: under torch.compile that backward
-is traced with fake tensors, which a Triton launch cannot take. Where the
-kernel cannot run it computes the reference. No autograd of its own (it is
-itself a gradient; double backward through the prologue is not supported).
+is traced with fake tensors, which a Triton launch cannot take. Its default
+implementation is the reference; the triton backend registers its kernels
+(backends/triton/conv_ops.py). No autograd of its own (it is itself a
+gradient; double backward through the prologue is not supported).
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from typing import Sequence
 
 import torch
 
-from .. import _conv_args
-from . import reference
-from .conv2d_bn_act import _triton_runs
+from . import conv_args, reference
 
 _OP = "fused_resnet::conv2d_dgrad_prologue"
 
 
 @torch.library.custom_op(_OP, mutates_args=())
-def _dgrad_op(
+def conv2d_dgrad_prologue_op(
     dz: torch.Tensor,
     weight: torch.Tensor,
     x_prev: torch.Tensor,
@@ -35,16 +34,12 @@ def _dgrad_op(
     dilation: Sequence[int],
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _triton_runs(x_prev):
-        from ..triton import launch
-
-        return launch.conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dilation, groups)
     dx, dps, dpt = reference.conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, list(padding),
                                                    list(dilation), groups)
     return dx.contiguous(memory_format=torch.channels_last), dps, dpt
 
 
-@_dgrad_op.register_fake
+@conv2d_dgrad_prologue_op.register_fake
 def _dgrad_fake(dz, weight, x_prev, pre_scale, pre_shift, padding, dilation, groups):
     c = x_prev.shape[1]
     dx = torch.empty_like(x_prev, memory_format=torch.channels_last)
@@ -57,5 +52,5 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dil
     Triton kernel where it runs (d(activation) never written), else the
     reference. padding and dilation: ints or pairs."""
     return torch.ops.fused_resnet.conv2d_dgrad_prologue(
-        dz, weight, x_prev, pre_scale, pre_shift, _conv_args.pair(padding, "padding", "conv2d_dgrad_prologue"),
-        _conv_args.pair(dilation, "dilation", "conv2d_dgrad_prologue"), int(groups))
+        dz, weight, x_prev, pre_scale, pre_shift, conv_args.pair(padding, "padding", "conv2d_dgrad_prologue"),
+        conv_args.pair(dilation, "dilation", "conv2d_dgrad_prologue"), int(groups))

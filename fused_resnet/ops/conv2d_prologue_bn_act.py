@@ -19,9 +19,10 @@ activation is recomputed only for the weight gradient (aten). Otherwise
 aten's data gradient, then the ReLU + BN backward elementwise.
 
 The op fused_resnet::conv2d_prologue_bn_act has a fake kernel (torch.compile
-traces it as one node) and a registered autograd formula. Where the Triton
-kernel cannot run it computes the same contract with the prologue
-materialised and F.conv2d (reference.conv2d_prologue_bn_act).
+traces it as one node) and a registered autograd formula. Its default
+implementation computes the contract with the prologue materialised and
+F.conv2d (reference.conv2d_prologue_bn_act); the triton backend registers
+its kernels (backends/triton/conv_ops.py).
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import fusions
+from .. import config, dispatch
 from . import reference
-from .conv2d_bn_act import (_aten_path, _check_tensors, _conv2d_bn_act_fake, _pair, _triton_runs, _use_triton_op,
-                            epilogue_backward, epilogue_grad_z, recomputes_z, save_epilogue_context, saves_output)
+from .conv_epilogue import (aten_path, check_tensors, epilogue_backward, epilogue_grad_z, fake_outputs, pair,
+                            recomputes_z, save_epilogue_context, saves_output)
 
 _OP = "fused_resnet::conv2d_prologue_bn_act"
 
 
 @torch.library.custom_op(_OP, mutates_args=())
-def _prologue_op(
+def conv2d_prologue_bn_act_op(
     x: torch.Tensor,
     pre_scale: torch.Tensor,
     pre_shift: torch.Tensor,
@@ -54,20 +55,14 @@ def _prologue_op(
     groups: int,
     emit_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _triton_runs(x):
-        from ..triton import launch
-
-        return launch.conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
-                                    emit_stats, pre_scale=pre_scale, pre_shift=pre_shift)
     a = reference.bn_relu_prologue(x, pre_scale, pre_shift)
-    return _aten_path(a, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
+    return aten_path(a, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
 
 
-@_prologue_op.register_fake
+@conv2d_prologue_bn_act_op.register_fake
 def _prologue_fake(x, pre_scale, pre_shift, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
                    emit_stats):
-    return _conv2d_bn_act_fake(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups,
-                               emit_stats)
+    return fake_outputs(x, weight, scale, shift, residual, relu, stride, padding, dilation, groups, emit_stats)
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,13 +74,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _fused_dgrad_runs(ctx, x, weight) -> bool:
-    """Whether the backward's data gradient runs as one Triton kernel with
-    the prologue's ReLU + BN backward in its epilogue
-    (launch.conv2d_dgrad_prologue): switch prologue_dgrad on, the Triton
-    kernel runs for x, stride 1, padding <= dilation * (kernel - 1)."""
+    """Whether the backward's data gradient runs as the fused op
+    conv2d_dgrad_prologue (one Triton kernel where it runs, with the
+    prologue's ReLU + BN backward in its epilogue): switch prologue_dgrad
+    on, stride 1, padding <= dilation * (kernel - 1)."""
     stride, padding, dilation, _ = ctx.conv_args
     kh, kw = weight.shape[2:]
-    return (fusions.FUSIONS["prologue_dgrad"] and _triton_runs(x) and tuple(stride) == (1, 1)
+    return (config.fusion("prologue_dgrad") and tuple(stride) == (1, 1)
             and padding[0] <= dilation[0] * (kh - 1) and padding[1] <= dilation[1] * (kw - 1))
 
 
@@ -170,17 +165,15 @@ def conv2d_prologue_bn_act(
     pre_scale, pre_shift, weight, scale, shift, residual and through the
     statistics.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    op = "conv2d_prologue_bn_act"
+    kernel = dispatch.kernel_for(op, x, backend)
+    stride, padding, dilation = pair(stride, "stride", op), pair(padding, "padding", op), pair(dilation, "dilation", op)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"conv2d_prologue_bn_act: `groups` must be a positive int, got {groups!r}")
-    _check_tensors(x, weight, residual, stride, padding, dilation)
+    check_tensors(x, weight, residual, stride, padding, dilation)
     for what, v in (("pre_scale", pre_scale), ("pre_shift", pre_shift)):
         if v.dim() != 1 or v.numel() != x.shape[1]:
             raise ValueError(f"conv2d_prologue_bn_act: `{what}` must be a 1-D tensor of C_in={x.shape[1]} values "
                              f"(one per input channel), got shape {list(v.shape)}")
-    if not _use_triton_op(backend, x):
-        return reference.conv2d_prologue_bn_act(x, pre_scale, pre_shift, weight, scale, shift, residual, bool(relu),
-                                                stride, padding, dilation, groups, bool(emit_stats))
-    return torch.ops.fused_resnet.conv2d_prologue_bn_act(x, pre_scale, pre_shift, weight, scale, shift, residual,
-                                                         bool(relu), stride, padding, dilation, groups,
-                                                         bool(emit_stats))
+    return kernel(x, pre_scale, pre_shift, weight, scale, shift, residual, bool(relu), stride, padding, dilation,
+                  groups, bool(emit_stats))

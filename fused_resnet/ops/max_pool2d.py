@@ -14,9 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import dispatch
 from . import reference
-from ._dispatch import native_op, use_native
 
 _OP = "fused_resnet::max_pool2d"
 
@@ -29,7 +28,7 @@ def _pooled(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     return out
 
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake(_OP)
     def _max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
@@ -62,7 +61,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | Sequence[int], stride: int | 
     k = _pair(kernel_size, "kernel_size")
     s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, "stride")
     p, d = _pair(padding, "padding"), _pair(dilation, "dilation")
+    kernel = dispatch.kernel_for("max_pool2d", x, backend)
     wants_grad = torch.is_grad_enabled() and x.requires_grad
-    if wants_grad or x.dim() != 4 or not use_native("max_pool2d", x, backend):
+    if wants_grad or x.dim() != 4:
         return F.max_pool2d(x, k, s, p, d, ceil_mode)
-    return native_op("max_pool2d")(x, k, s, p, d, ceil_mode)
+    return kernel(x, k, s, p, d, ceil_mode)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import bn_math
+
 __all__ = [
     "add_relu",
     "bn_relu_prologue",
@@ -123,11 +125,7 @@ def bn_finalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scale, shift, invstd from batch statistics, plus PyTorch's running
     statistic update in place (nn.BatchNorm2d.forward + F.batch_norm rules)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
+    scale, shift, invstd = bn_math.scale_shift(mean, var, weight, bias, eps)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is not None and running_var is not None:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from . import reference
-from ._dispatch import native_op, use_native
+from .. import dispatch
 
-if _backend.native_loaded():
+if dispatch.native_loaded():
 
     @torch.library.register_fake("fused_resnet::relu_mask")
     def _relu_mask_fake(y):
@@ -25,6 +23,4 @@ def relu_mask(y: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """uint8 tensor of ceil(numel / 8) bytes: bit i % 8 of byte i // 8 is
     !(y[i] <= 0) for the i-th element of y in its memory order (channels_last
     or contiguous). Not differentiable (a mask)."""
-    if use_native("relu_mask", y, backend):
-        return native_op("relu_mask")(y.detach())
-    return reference.relu_mask(y.detach())
+    return dispatch.kernel_for("relu_mask", y, backend)(y.detach())

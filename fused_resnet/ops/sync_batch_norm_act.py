@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import _backend
-from . import reference
-from .batch_norm_act import _apply
+from .. import dispatch
+from . import bn_math, reference
+from .batch_norm_act import apply_on_backend
 from .bn_backward_elemt import bn_backward_elemt
 from .bn_backward_reduce import bn_backward_reduce
 from .bn_finalize import bn_finalize
@@ -43,7 +43,7 @@ def world_size(process_group=None) -> int:
 class _SyncBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, residual, mean, invstd, scale, shift, relu, backend, process_group, count):
-        y, mask = _apply(z, scale, shift, residual, relu, backend)
+        y, mask = apply_on_backend(z, scale, shift, residual, relu, backend)
         ctx.backend, ctx.process_group, ctx.count = backend, process_group, count
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (weight, bias, residual))
         ctx.save_for_backward(z, mask, mean, invstd, weight)
@@ -93,8 +93,7 @@ def _global_stats(z, local_mean, local_var, shift_point, process_group):
     total_count = int(total.item())
     if total_count == 0:
         return torch.zeros_like(k), torch.zeros_like(k), 0
-    mean_shifted = s1 / total
-    var = (s2 / total - mean_shifted * mean_shifted).clamp_min(0)
+    mean_shifted, var = bn_math.moments_from_sums(s1, s2, total)
     return k + mean_shifted, var, total_count
 
 
@@ -129,7 +128,7 @@ def sync_batch_norm_act(
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fused_resnet.sync_batch_norm_act: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first (or use batch_norm_act on one process)")
-    chosen = _backend.resolve(backend, z.device)
+    chosen = dispatch.resolve(backend, z.device)
     acc = reference.stat_dtype(z.dtype)
     with torch.no_grad():
         c = z.shape[1]
