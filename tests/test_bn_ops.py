@@ -4,7 +4,7 @@ against their plain-PyTorch references, opcheck, bad inputs, determinism."""
 import pytest
 import torch
 
-from fused_resnet import dispatch
+from fused_resnet import numerics, dispatch
 from fused_resnet.ops import bn_apply, bn_backward, bn_finalize, bn_stats, reference
 
 pytestmark = pytest.mark.skipif(not dispatch.native_loaded(), reason="fused_resnet._C not built")
@@ -97,6 +97,27 @@ def test_stats_large_mean_small_variance(devices):
             # torch's own fp32 statistics for comparison: ours are no worse than 2x.
             v_eager = torch.var_mean(z, dim=(0, 2, 3), correction=0)[0]
             assert (v.double() - v64).abs().max() <= 2 * (v_eager.double() - v64).abs().max() + 1e-9
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(4, 64, 32, 32), (2, 40, 13, 11), (8, 96, 7, 7)])
+def test_stats_as_accurate_as_eagers_batch_norm_when_the_spread_dwarfs_the_mean(cl, shape):
+    # eager's CPU batch_norm accumulates fp32 statistics in double, so its
+    # batch mean is within an ulp of the exact one even when the values are
+    # 1e9 times larger than the mean; an fp32 deviation pass rounds each
+    # value's deviation by eps/2 x the spread and misses it by ~1e-5.
+    dims = (0, 2, 3)
+    z64 = torch.randn(shape, dtype=torch.float64) * 1e4
+    z = (z64 - z64.mean(dims, keepdim=True)).float()  # a mean ~1e-5 under a spread of 1e4
+    if cl:
+        z = z.contiguous(memory_format=torch.channels_last)
+    m, v = bn_stats(z)
+    m64, v64 = reference.bn_stats(z.double())
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    torch.nn.functional.batch_norm(z, rm, rv, training=True, momentum=1.0)
+    n = z.numel() // shape[1]
+    numerics.assert_close_to_reference(m, rm, m64, what="batch mean")
+    numerics.assert_close_to_reference(v, rv * (n - 1) / n, v64, what="batch variance")
 
 
 def test_stats_nan_inf_and_empty(devices):
