@@ -3,7 +3,7 @@
 The package supports torch >= 2.11 and triton >= 3.6 (pyproject.toml), and
 private APIs differ between those releases and today's. Each function here
 wraps one of them and behaves the same on every supported release; CI runs
-tests/test_compat.py on the oldest supported stack (`make test-oldest`) and
+tests/build/test_compat.py on the oldest supported stack (`make test-oldest`) and
 on the newest (`make test`). Nothing else in fused_resnet imports a private
 torch or triton name.
 """

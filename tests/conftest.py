@@ -19,14 +19,17 @@ if "FUSED_RESNET_AUTOTUNE" not in os.environ:
 
     fused_resnet.set_autotune(False)
 
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+import interpreter  # noqa: E402
+from helpers import HAS_CUDA  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
+@pytest.hookimpl(trylast=True)  # after -k / -m have selected
+def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    # The `interpreter` tests run in one TRITON_INTERPRET=1 child (interpreter.py).
+    interpreter.select(session, config, items)
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,25 @@
-"""Shared helpers for the ecosystem tests: build a fused model, an eager
-torchvision twin and an fp64 reference with identical weights, and compare
-them with the numerics criterion (fused_resnet.numerics)."""
+"""What tests in several folders share: the repository's paths, the CUDA
+skip, a fused model with an eager torchvision twin and an fp64 reference
+with identical weights, comparisons under the numerics criterion
+(fused_resnet.numerics), and a counter of Triton kernel launches.
+(tests/ is on sys.path: pyproject.toml's pytest `pythonpath`.)"""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 
 import fused_resnet
 from fused_resnet import numerics
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 # The fewest values per channel a BatchNorm computing batch statistics may
 # see in a test that compares results (why: numerics.MIN_BATCH_STATS_VALUES;
@@ -79,3 +88,26 @@ def compare_step(fused, eager, ref, x: torch.Tensor, train: bool, what: str, bac
         yr.backward(g)
         check_grads(fused, eager, ref, what)
     check_buffers(fused, eager, ref, what)
+
+
+def count_kernel_launches(monkeypatch, *names: str) -> dict[str, int]:
+    """Count launches (kernel[grid](...)) of the named Triton kernels of
+    fused_resnet.backends.triton.launch, e.g. "conv2d_fwd_prologue_kernel", for the
+    rest of the test; returns the live {name: count} dict. Launches made
+    while autotuning (timing candidate configs on a GPU) are not counted."""
+    from fused_resnet.backends.triton import launch
+
+    counts = dict.fromkeys(names, 0)
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            if not launch.tuning():
+                counts[self.name] += 1
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(launch, name, Spy(getattr(launch, name), name))
+    return counts

@@ -2,7 +2,7 @@
 # nvcc wrapper used by setup.py (through PYTORCH_NVCC): runs the real nvcc and
 # keeps ptxas's resource report (`-Xptxas=-v`: registers, spills, shared
 # memory) in <object>.ptxas.log next to the object, where
-# tests/test_cuda_build.py reads it. Other diagnostics pass through.
+# tests/build/test_cuda_build.py reads it. Other diagnostics pass through.
 set -u
 out=""
 prev=""

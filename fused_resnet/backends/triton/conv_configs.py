@@ -2,7 +2,7 @@
 bucket an autotune result is keyed on.
 
 Every config listed here is compiled for sm_80 and sm_90 by
-tests/test_triton_aot.py (ptxas: no spills, shared memory within the limit);
+tests/backends/triton/test_triton_aot.py (ptxas: no spills, shared memory within the limit);
 a config that fails there is removed from this file, not skipped.
 
 Shared memory per config is about num_stages * (BM*BK + BK*BN) * itemsize, so
@@ -38,7 +38,7 @@ def _c(bm, bn, bk, warps, stages, gm=8):
     return ConvConfig(bm, bn, bk, gm, warps, stages)
 
 
-# Kept from the ptxas report of tests/test_triton_aot.py (all-epilogue
+# Kept from the ptxas report of tests/backends/triton/test_triton_aot.py (all-epilogue
 # variant, the heaviest): every dense config keeps the fp32 accumulator at
 # <= 64 values per thread (128x128 tiles on 8 warps, 64x128 or 128x64 on 4).
 # With 128 per thread (128x256 or 256x128 on 8 warps, 128x128 on 4) the
@@ -106,7 +106,7 @@ def candidates(arch: int, itemsize: int, cout_g: int) -> list[ConvConfig]:
 # The fused data gradient's epilogue (conv2d_dgrad_prologue_kernel) keeps
 # x_prev's tile, the recomputed activation and two products live beside the
 # accumulator: at 64 fp32 accumulator values per thread (m128n128w8,
-# m64n256w8, m64n128w4) ptxas spilled on sm_90 (tests/test_triton_aot.py),
+# m64n256w8, m64n128w4) ptxas spilled on sm_90 (tests/backends/triton/test_triton_aot.py),
 # so its tiles hold at most this many per thread.
 DGRAD_MAX_ACC_PER_THREAD = 32
 

@@ -40,7 +40,7 @@ MODEL_BUILD = Figure(1.5, "1.5 s: resnet50 build + load_state_dict measured at 1
                           "copy to the GPU")
 WHEEL_INSTALL = Figure(6.0, "6 s: pip install --target of the 11.6 MB frontend wheel took 1.4 s on the CI box")
 TRITON_COMPILE = Figure(1.5, "1.5 s per Triton conv config: AOT compile for sm_90 measured at 0.9-2.4 s on "
-                             "the CI box (tests/test_triton_aot.py's path)")
+                             "the CI box (tests/backends/triton/test_triton_aot.py's path)")
 # torch.compile's first call, resnet50, default mode, measured on the CI box
 # with an empty inductor cache (batch 2, 64x64: tracing, AOT autograd and
 # lowering do not depend on the batch). On the GPU inductor compiles Triton

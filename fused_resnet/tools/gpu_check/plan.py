@@ -13,7 +13,7 @@ Profiles:
              time to spare (spread it over commands with --only).
   rehearsal  the same code path on the CPU at tiny sizes with the CPU
              providers, writing the same record files: what `make test`
-             runs (tests/test_gpu_check.py), so the check cannot break
+             runs (tests/tools/test_gpu_check.py), so the check cannot break
              unseen between leases.
 """
 
@@ -225,8 +225,8 @@ def _test_steps(p: Profile, ctx: Context) -> list[Step]:
         memcheck = [_sanitizer(), "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20", *memcheck]
     memcheck_est = Figure(45.0, "45 s allowance: python + torch under compute-sanitizer, a few small kernels")
     if p.tests == "rehearsal":
-        smoke = [*pytest, "-v", "tests/test_add_relu.py", "-k", "test_matches_eager_bitwise[False-dtype0]"]
-        rest = [*pytest, "-v", "tests/test_add_relu.py", "-k", "test_odd_sizes_views_and_nan"]
+        smoke = [*pytest, "-v", "tests/ops/test_add_relu.py", "-k", "test_matches_eager_bitwise[False-dtype0]"]
+        rest = [*pytest, "-v", "tests/ops/test_add_relu.py", "-k", "test_odd_sizes_views_and_nan"]
         memcheck_est = Figure(10.0, "the memcheck workload on the CPU, no sanitizer")
         smoke_est = rest_est = Figure(10.0, "one CPU test")
     else:

@@ -11,7 +11,6 @@ n examples per test instead of the small default.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,9 +19,9 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from fused_resnet import numerics
 from fused_resnet.ops import add_relu, batch_norm_act, bn_apply, bn_stats
-from helpers import MIN_BN_VALUES
+from helpers import MIN_BN_VALUES, TESTS
 
-DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / ".hypothesis-db"))
+DB = DirectoryBasedExampleDatabase(str(TESTS / ".hypothesis-db"))
 EXAMPLES = int(os.environ.get("FUSED_RESNET_FUZZ_EXAMPLES", "25"))
 settings.register_profile(
     "fused_resnet_fuzz", database=DB, max_examples=EXAMPLES, deadline=None, derandomize=False,

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 TRAIN = os.path.join(ROOT, "examples", "train.py")
 
 

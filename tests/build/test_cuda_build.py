@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from fused_resnet import _compat, dispatch
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 BN_OPS = ("bn_stats", "bn_finalize", "bn_apply", "bn_backward", "relu_mask")
 # Kernel source -> the __global__ functions it must define (as they appear,
 # length-prefixed, in the mangled names).

@@ -55,7 +55,7 @@ def _shard(t, rank):
 
 
 def _model(dtype, momentum="default", channels_last=False):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers.py
     from helpers import randomise_bn
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from fused_resnet.backends.cudnn import units as cudnn_units
 from fused_resnet.backends.cudnn import graphs as cudnn_graphs
 from fused_resnet.nn.paths import units as paths_units
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 from helpers import randomise_bn
 
 requires_build = pytest.mark.skipif(
@@ -311,7 +311,7 @@ def test_cudnn_training_is_gated_to_what_the_graph_runs():
         assert cudnn_units._genstats_operands(biased, x) is None
 
 
-# (kind, inplanes, planes, stride, groups, base_width, dilation), as tests/test_fused_blocks.py
+# (kind, inplanes, planes, stride, groups, base_width, dilation), as tests/nn/test_fused_blocks.py
 CUDNN_BLOCKS = [
     ("basic", 16, 16, 1, 1, 64, 1),
     ("basic-downsample", 16, 32, 2, 1, 64, 1),

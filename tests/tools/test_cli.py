@@ -31,8 +31,8 @@ def _error_of(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["bench", "--model", "resnet7"], "unknown model 'resnet7'"),
-    (["verify", "--model", "vgg16"], "unknown model 'vgg16'"),
+    (["bench", "--model", "resnet7"], "--model 'resnet7': expected one of resnet18"),
+    (["verify", "--model", "vgg16"], "--model 'vgg16': expected one of resnet18"),
     (["bench", "--device", "cpu", "--dtype", "fp16"], "fp16 is not supported on CPU"),
     (["bench", "--dtype", "int8"], "--dtype must be one of"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),

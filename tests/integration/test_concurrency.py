@@ -12,7 +12,7 @@
   concurrent writers never expose half a file; keys differ for different
   architectures, dtypes/precisions and problem shapes.
 
-The cuDNN graph cache has its own C++ self-test in tests/test_cudnn.py.
+The cuDNN graph cache has its own C++ self-test in tests/backends/cudnn/test_cudnn.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ Triton conv's prologue. The kernel under the interpreter against the fp64
 reference (every kernel mode, fp32 and fp16, padding that must stay zero),
 its gradients against autograd through the reference, and in this process
 the op's aten path, its autograd formula (gradcheck in fp64), fake kernel and
-argument errors. AOT compilation for sm_80/sm_90: tests/test_triton_aot.py."""
+argument errors. AOT compilation for sm_80/sm_90: tests/backends/triton/test_triton_aot.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 import fused_resnet
 from fused_resnet import config, numerics
 from fused_resnet.ops import conv2d_prologue_bn_act, reference
-from interp_suite import (IN_INTERPRETER, count_kernel_launches, drop_interp_tests_outside_the_interpreter,
-                          run_interp_tests)
+from interpreter import IN_INTERPRETER
+from helpers import count_kernel_launches
 
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups), one per kernel
 # mode and address pattern (see test_triton_conv.SHAPES).
@@ -58,6 +58,7 @@ def _d64(t):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.interpreter
 def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
     calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel")
     dt = DTYPES[dtype]
@@ -74,6 +75,7 @@ def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("name,fused_dgrad", GRAD_CASES)
+@pytest.mark.interpreter
 def test_interp_gradients_match_autograd_through_the_reference(name, fused_dgrad, monkeypatch):
     fused_resnet.set_fusions(prologue_dgrad=fused_dgrad)
     calls = count_kernel_launches(monkeypatch, "conv2d_dgrad_prologue_kernel")
@@ -110,6 +112,7 @@ DGRAD_SHAPES = ("1x1", "3x3_s1", "3x3_thin_cin", "grouped_cin4", "dilated")
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("name", DGRAD_SHAPES)
+@pytest.mark.interpreter
 def test_interp_fused_dgrad_kernel_matches_reference(name, dtype, monkeypatch):
     from fused_resnet.backends.triton import launch
 
@@ -162,6 +165,7 @@ def _train_block(spec):
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.interpreter
 def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
     fused_resnet.set_fusions(prologue=True)
     calls = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel", "conv2d_dgrad_prologue_kernel")
@@ -192,6 +196,7 @@ def test_interp_training_block_with_prologues_matches_eager(name, monkeypatch):
             numerics.assert_close_to_reference(*(b[bname] for b in bufs), what=f"{name}: {bname}")
 
 
+@pytest.mark.interpreter
 def test_interp_compiled_training_block_traces_the_fused_backward(monkeypatch):
     """torch.compile traces the prologue op's backward with fake tensors: the
     fused data gradient must be an op there (with a fake kernel), not a
@@ -244,11 +249,6 @@ def test_cuda_training_block_with_prologues_matches_eager(name, dtype, monkeypat
         numerics.assert_close_to_reference(*(p[pname].grad.cpu() for p in named), dtype=dtype, kind="grad",
                                            what=f"{name}: d{pname}")
 
-
-def test_interpreter_suite(tmp_path):
-    """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    run_interp_tests(__file__, tmp_path, expected=len(SHAPES) * len(DTYPES) + len(GRAD_CASES)
-                     + len(DGRAD_SHAPES) * len(DTYPES) + len(BLOCKS) + 1)
 
 
 def test_prologue_switch_defaults_off_and_is_listed():
@@ -342,4 +342,3 @@ def test_bad_arguments_name_the_argument():
         conv2d_prologue_bn_act(x[0], ps, pt, wt, **conv)
 
 
-drop_interp_tests_outside_the_interpreter(globals())

@@ -76,7 +76,7 @@ def test_whole_model_checkpoints_load_in_a_fresh_process(tmp_path):
         names.append(name)
     child = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {HERE!r})
+        sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
         import torch
         from fused_resnet.nn.paths import units
         from test_serialization import _assert_fused

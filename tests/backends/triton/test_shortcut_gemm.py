@@ -4,12 +4,8 @@ the op fused_resnet::conv2d_bias_act_shortcut, the blocks' eval path on
 `triton` and its switch, and the AOT compile of the new kernel for sm_80 and
 sm_90 with ptxas (no spills).
 
-As in tests/test_triton_conv.py, the test_interp_* tests run only in a child
-pytest process started with TRITON_INTERPRET=1 (Triton reads it when the
-kernels are decorated); test_interpreter_suite starts it and fails unless
-every one of them ran and passed. Run them by hand with
-`TRITON_INTERPRET=1 pytest tests/test_shortcut_gemm.py -k interp`.
-bf16 is never run under the interpreter (its bf16 dots are wrong).
+The tests marked `interpreter` run in the TRITON_INTERPRET=1 child of
+tests/interpreter.py. bf16 is never run under the interpreter (its bf16 dots are wrong).
 """
 
 from __future__ import annotations
@@ -31,10 +27,9 @@ from fused_resnet import config, numerics
 from fused_resnet.nn.paths import units
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
 from helpers import randomise_bn
-from interp_suite import count_kernel_launches, drop_interp_tests_outside_the_interpreter, run_interp_tests
+from helpers import count_kernel_launches
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
+from interpreter import IN_INTERPRETER  # noqa: E402
 
 # (N, C_in, H, W, C_out, k, stride, padding, C2, H2, W2, stride2): the main
 # conv's shape classes (1x1 = MODE_GEMM as in a Bottleneck's conv3; 3x3 with
@@ -100,7 +95,7 @@ def _run_kernel(x, wt, b, x2, wt2, s2, conv, relu=True):
     return y
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
@@ -112,7 +107,7 @@ def test_interp_kernel_matches_reference(name, dtype, monkeypatch):
     _check(y, x, wt, b, x2, wt2, s2, conv, True, dt, f"{name} {dtype}")
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("relu,bias", [(False, True), (False, False), (True, False)])
 def test_interp_epilogue_variants(relu, bias):
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["3x3_flat_sc_s2"], torch.float32, bias=bias)
@@ -122,7 +117,7 @@ def test_interp_epilogue_variants(relu, bias):
         assert (y < 0).any(), "without ReLU some outputs must stay negative"
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", ["1x1_sc_s2_odd", "3x3_cblock_sc_s2"])
 def test_interp_zero_operands_reduce_to_the_plain_kernel_bit_for_bit(name):
     """The shortcut GEMM only adds to the accumulator: with x2 = 0 the result
@@ -141,7 +136,7 @@ def test_interp_zero_operands_reduce_to_the_plain_kernel_bit_for_bit(name):
     assert not torch.allclose(both, plain) and not torch.allclose(both, only_sc)
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_op_dispatch_and_grad_fallback(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["1x1_sc_s2_odd"], torch.float32)
@@ -161,7 +156,7 @@ def test_interp_op_dispatch_and_grad_fallback(monkeypatch):
         torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_bf16_takes_the_reference_path(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     x, wt, b, x2, wt2, s2, conv = _problem(SHAPES["1x1_sc_s1"], torch.bfloat16)
@@ -211,7 +206,7 @@ def _old_path(block, x):
     return unit(*last, out, identity, True, "triton")
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_interp_block_eval_fuses_the_shortcut(name, dtype, monkeypatch):
@@ -227,7 +222,7 @@ def test_interp_block_eval_fuses_the_shortcut(name, dtype, monkeypatch):
     assert counts == {PLAIN: n_plain, SHORTCUT: 1}, counts
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", ["bottleneck-s2", "basic-s2"])
 def test_interp_switch_off_gives_the_old_path(name, monkeypatch):
     counts = _spy_kernels(monkeypatch)
@@ -248,7 +243,7 @@ def test_interp_switch_off_gives_the_old_path(name, monkeypatch):
     assert counts[SHORTCUT] == 1
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_grad_or_training_take_the_unfused_path(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     fused, eager, ref, x = _block(BLOCKS["bottleneck-s2"])
@@ -264,7 +259,7 @@ def test_interp_grad_or_training_take_the_unfused_path(monkeypatch):
     assert counts[SHORTCUT] == 0
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_fold_cache_follows_the_downsample(monkeypatch):
     """The combined fold is cached on the last BN but keyed on the
     downsample's tensors too: changing only the downsample's BN statistics
@@ -278,7 +273,7 @@ def test_interp_fold_cache_follows_the_downsample(monkeypatch):
         numerics.assert_close_to_reference(fused(x), eager(x), ref(x.double()), what="after a downsample change")
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_torch_compile_fullgraph_keeps_the_fused_shortcut(monkeypatch):
     counts = _spy_kernels(monkeypatch)
     fused, eager, ref, x = _block(BLOCKS["bottleneck-s2"])
@@ -291,7 +286,7 @@ def test_interp_torch_compile_fullgraph_keeps_the_fused_shortcut(monkeypatch):
     torch._dynamo.reset()
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_optimize_on_triton(monkeypatch):
     """optimize() on the triton backend: both downsample blocks of a small
     network take the shortcut GEMM, and the output matches the eval model."""
@@ -314,10 +309,6 @@ def test_interp_optimize_on_triton(monkeypatch):
         numerics.assert_close_to_reference(opt(x), eager(x), ref(x.double()), what="optimized blocks")
     assert counts[SHORTCUT] == 4
 
-
-def test_interpreter_suite(tmp_path):
-    """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    run_interp_tests(__file__, tmp_path, expected=(len(SHAPES) * len(DTYPES) + 3 + 2 + 1 + 1 + len(BLOCKS) * len(DTYPES) + 2 + 1 + 1 + 1 + 1))
 
 
 # ------------------------------------------------ the op and the switch (this process)
@@ -567,4 +558,3 @@ def test_shortcut_kernel_compiles_without_spills(arch, aot_results):
     assert not failures, "the shortcut kernel fails on these configs:\n" + "\n".join(failures)
 
 
-drop_interp_tests_outside_the_interpreter(globals())

@@ -1,4 +1,4 @@
-"""Property tests (issue 7, item 1) of whole fused blocks: FusedBasicBlock and
+"""Property tests of whole fused blocks: FusedBasicBlock and
 FusedBottleneck (ResNeXt groups, wide, dilated) against the same block on
 backend="reference" (eager semantics) and an fp64 copy of it, under
 fused_resnet.numerics: output and input gradient elementwise, parameter
@@ -15,8 +15,8 @@ examples have at least 16 values per channel, and fp32 ones at least 32 and
 2 input channels per conv group (block_specs explains why).
 
 Backend "cpu" runs here; backend "triton" runs through Triton's interpreter
-in a child process (TRITON_INTERPRET is read at import), fp32, tiny sizes,
-a few examples. Failures are kept in tests/.hypothesis-db and replayed.
+(the `interpreter` marker: tests/interpreter.py), fp32, tiny sizes, a few
+examples. Failures are kept in tests/.hypothesis-db and replayed.
 FUSED_RESNET_FUZZ_EXAMPLES=<n> runs n examples per CPU test (default 15) and
 n // 5 (at least 3) in the interpreter; FUSED_RESNET_FUZZ_TRITON_EXAMPLES sets
 the latter alone.
@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,10 +37,9 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn.paths import units
-from helpers import MIN_BN_VALUES
+from helpers import MIN_BN_VALUES, TESTS
 
-HERE = Path(__file__).parent
-DB = DirectoryBasedExampleDatabase(str(HERE / ".hypothesis-db"))
+DB = DirectoryBasedExampleDatabase(str(TESTS / ".hypothesis-db"))
 _ENV = os.environ.get("FUSED_RESNET_FUZZ_EXAMPLES")
 EXAMPLES = int(_ENV or "15")
 TRITON_EXAMPLES = int(os.environ.get("FUSED_RESNET_FUZZ_TRITON_EXAMPLES") or (max(3, EXAMPLES // 5) if _ENV else 3))
@@ -258,44 +253,18 @@ def test_fused_bottleneck(spec):
 
 # ------------------------------------------------- triton, in the interpreter
 
-CHILD = r"""
-import json, sys
-sys.path.insert(0, HERE)
-from hypothesis import given, settings
-import fused_resnet.backends.triton.launch as launch
-import test_fuzz_blocks as t
 
-launched = []
-orig = launch.conv2d_bn_act
-def spy(*a, **k):
-    launched.append(1)
-    return orig(*a, **k)
-launch.conv2d_bn_act = spy
-
-done = []
-@settings(t.FUZZ, max_examples=t.TRITON_EXAMPLES)
-@given(spec=t.block_specs(tiny=True, dtypes=(t.torch.float32,)))
+@pytest.mark.interpreter
+@settings(FUZZ, max_examples=TRITON_EXAMPLES)
+@given(spec=block_specs(tiny=True, dtypes=(torch.float32,)))
 def test_fused_blocks_triton_interpreter(spec):
-    n0 = len(launched)
-    t.check_block(spec, backend="triton")
-    assert len(launched) > n0, "the Triton kernel was not launched"
-    done.append(spec["kind"])
+    from fused_resnet.backends.triton import launch
 
-test_fused_blocks_triton_interpreter()
-print("RESULTS " + json.dumps(done))
-"""
-
-
-def test_fused_blocks_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("FUSED_RESNET_BACKEND", None)
-    code = f"HERE = {str(HERE)!r}\n" + CHILD
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=str(HERE.parent))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert line, out[-3000:]
-    done = json.loads(line[-1][len("RESULTS "):])
-    assert len(done) >= min(TRITON_EXAMPLES, 2), done
+    launched = []
+    conv = launch.conv2d_bn_act
+    launch.conv2d_bn_act = lambda *a, **k: launched.append(1) or conv(*a, **k)
+    try:
+        check_block(spec, backend="triton")
+    finally:
+        launch.conv2d_bn_act = conv
+    assert launched, "the Triton kernel was not launched"

@@ -2,11 +2,12 @@
 (loopback). Each rank trains the fused model and torchvision's eager model
 under DDP on its own shard; the all-reduced gradients and the updated
 running statistics of the two must agree (numerics criterion, against an
-fp64 eager DDP run). Synchronised BatchNorm: tests/test_sync_batchnorm.py."""
+fp64 eager DDP run). Synchronised BatchNorm: tests/nn/test_sync_batchnorm.py."""
 
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ def _worker(rank, port, tests_dir, result_dir):
 def test_ddp_over_fused_model_matches_eager_ddp(tmp_path):
     from fused_resnet import numerics
 
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = str(Path(__file__).resolve().parent.parent)  # tests/, where helpers.py is
     mp.spawn(_worker, args=(_free_port(), tests_dir, str(tmp_path)), nprocs=WORLD, join=True)
     fused, eager, ref = torch.load(tmp_path / "rank0.pt")
     names = list(fused["grads"])

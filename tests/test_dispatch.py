@@ -98,3 +98,4 @@ def test_resolve_follows_changes_after_earlier_answers():
     assert dispatch.resolve("auto", cpu) == want  # a module's own choice wins
     fused_resnet.set_backend("auto")
     assert dispatch.resolve(None, cpu) == want
+

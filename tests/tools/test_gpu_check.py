@@ -19,8 +19,9 @@ from fused_resnet.tools import cli
 from fused_resnet.tools.bench import auto_choice, layers, providers, report, runner
 from fused_resnet.tools.gpu_check import check, plan, record, selection, steps as gsteps, tuned_configs
 from fused_resnet.tools.gpu_check.costs import Figure
+from helpers import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 H100 = "NVIDIA H100 80GB HBM3"
 
 

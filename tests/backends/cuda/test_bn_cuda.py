@@ -1,6 +1,6 @@
 """The CUDA BatchNorm kernels' own code paths against reference.py (GPU only).
 
-tests/test_bn_ops.py checks the ops on every device; this file aims at the
+tests/ops/test_bn_ops.py checks the ops on every device; this file aims at the
 CUDA kernels' internal branches: channels_last rows with C % vector == 0 or
 not, NCHW planes with H*W % 8 == 0 or not, a partial last mask byte,
 misaligned (offset) storage, mixed dtypes, run-to-run determinism and

@@ -1,23 +1,15 @@
 """fused_resnet::conv2d_bn_act: the Triton conv under the interpreter, and the
 op's CPU (aten) path, autograd, fake kernel, torch.compile and autotune cache.
 
-Why a subprocess: Triton reads TRITON_INTERPRET when @triton.jit decorates a
-function, i.e. when fused_resnet.backends.triton.conv2d_fwd is first imported, and a
-pytest process imports it once for every module. So the `test_interp_*`
-tests below run only in a child pytest process started with
-TRITON_INTERPRET=1 in its environment before anything is imported
-(test_interpreter_suite); the parent process never has the variable set and
-other modules are unaffected. The child reports through a JUnit file, and the
-parent fails unless every interpreter test ran and passed (a child that
-skipped or collected nothing fails too). Run by hand with
-`TRITON_INTERPRET=1 pytest tests/test_triton_conv.py -k interp`.
+The tests marked `interpreter` run the Triton kernels on CPU tensors under
+Triton's interpreter, in the one TRITON_INTERPRET=1 child that
+tests/interpreter.py starts for the whole run.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import warnings
 
 import pytest
@@ -27,13 +19,11 @@ import torch.nn.functional as F
 import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.ops import conv2d_bn_act, reference
-from interp_suite import drop_interp_tests_outside_the_interpreter, run_interp_tests
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from interpreter import IN_INTERPRETER  # noqa: E402
 # The test_interp_* functions are removed from this module outside the
 # interpreter (see the end of the file), so they are neither run nor reported
 # as skipped there; this marker is a second guard.
-interp_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 
 # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups): every shape
 # class the kernel distinguishes; C not a multiple of 16 and odd H/W throughout.
@@ -93,7 +83,7 @@ def _launch():
     return launch
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_interp_shape_classes_all_epilogues(name, dtype):
@@ -103,7 +93,7 @@ def test_interp_shape_classes_all_epilogues(name, dtype):
     _check(out, x, wt, sc, sf, r, True, True, conv, dtype, name)
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_interp_shape_classes_plain_conv(name):
     x, wt, _, _, _, conv = _problem(SHAPES[name], torch.float32, scale=False, shift=False, residual=False)
@@ -116,7 +106,7 @@ def test_interp_shape_classes_plain_conv(name):
 EPILOGUES = list(itertools.product([False, True], repeat=5))
 
 
-@interp_only
+@pytest.mark.interpreter
 @pytest.mark.parametrize("flags", EPILOGUES, ids=lambda f: "".join("SBRLT"[i] if v else "-" for i, v in enumerate(f)))
 def test_interp_every_epilogue_combination(flags):
     has_scale, has_shift, has_res, relu, stats = flags
@@ -126,7 +116,7 @@ def test_interp_every_epilogue_combination(flags):
     _check(out, x, wt, sc, sf, r, relu, stats, conv, torch.float32, str(flags))
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_op_runs_triton_and_backward(monkeypatch):
     """Through the public op: the Triton kernel runs (not the aten path), and
     gradients of every input match eager autograd of the reference."""
@@ -146,7 +136,7 @@ def test_interp_op_runs_triton_and_backward(monkeypatch):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-@interp_only
+@pytest.mark.interpreter
 def test_interp_bf16_never_reaches_the_interpreter():
     # bf16 tl.dot is wrong under the interpreter, so the op must take the aten path.
     x, wt, sc, sf, r, conv = _problem(SHAPES["1x1"], torch.bfloat16)
@@ -154,10 +144,6 @@ def test_interp_bf16_never_reaches_the_interpreter():
     want = reference.conv2d_bn_act(x, wt, sc, sf, r, True, **conv)[0]
     assert torch.equal(y, want)
 
-
-def test_interpreter_suite(tmp_path):
-    """Runs the test_interp_* tests above in a TRITON_INTERPRET=1 child."""
-    run_interp_tests(__file__, tmp_path, expected=2 * len(SHAPES) + len(SHAPES) + len(EPILOGUES) + 2)
 
 
 # ------------------------------------------------ the op without Triton (this process)
@@ -384,4 +370,3 @@ def test_the_tuning_flag_is_set_only_while_timing(monkeypatch):
     assert not launch.tuning()
 
 
-drop_interp_tests_outside_the_interpreter(globals())

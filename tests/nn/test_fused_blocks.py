@@ -15,6 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.backends import fold
+from helpers import count_kernel_launches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -343,3 +344,45 @@ def test_convert_runs_fused_path_and_matches():
     converted = fused_resnet.convert(copy.deepcopy(eager))
     x = torch.randn(4, 3, 48, 48)
     run_and_compare(converted, eager, ref, x, True, "converted resnet50")
+
+
+# ---------------------------------------------------------- triton, interpreter
+
+TRITON_BLOCKS = [("basic-downsample", 8, 16, 2, 1, 64, 1), ("bottleneck-grouped", 32, 8, 1, 4, 8, 1)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("spec", TRITON_BLOCKS, ids=[b[0] for b in TRITON_BLOCKS])
+@pytest.mark.parametrize("train,prologue", [(True, False), (False, False), (True, True)],
+                         ids=["train", "eval", "train-prologue"])
+def test_blocks_on_the_triton_interpreter(spec, train, prologue, monkeypatch):
+    """The blocks on `triton` through Triton's interpreter on CPU tensors
+    (tiny sizes): the conv with the folded-BN epilogue in eval, the conv with
+    the statistics epilogue + batch_norm_act in training, and training with
+    each inner BN + ReLU in the next conv's prologue."""
+    from fused_resnet.backends.triton import launch
+
+    launched = []
+    conv = launch.conv2d_bn_act
+    monkeypatch.setattr(launch, "conv2d_bn_act", lambda *a, **k: launched.append(1) or conv(*a, **k))
+    prologue_launches = count_kernel_launches(monkeypatch, "conv2d_fwd_prologue_kernel")
+    fused_resnet.set_fusions(prologue=prologue)
+    fused, eager, ref = _block_trio(*spec)
+    fused.backend = "triton"
+    fused.to(memory_format=torch.channels_last)
+    eager.to(memory_format=torch.channels_last)
+    x = torch.randn(2, spec[1], 7, 7).contiguous(memory_format=torch.channels_last)
+    for m in (fused, eager, ref):
+        m.train(train)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+    ys = [fused(xs[0]), eager(xs[1]), ref(xs[2])]
+    numerics.assert_close_to_reference(*ys, what=f"{spec[0]} train={train} output")
+    g = torch.randn(ys[2].shape, dtype=torch.float64)
+    for y in ys:
+        y.backward(g.to(y.dtype))
+    numerics.assert_close_to_reference(*[t.grad for t in xs], kind="grad", what="input grad")
+    _check_grads(fused, eager, ref, spec[0], elementwise=True)
+    _check_buffers(fused, eager, ref, spec[0])
+    assert launched, "the Triton kernel was not launched"
+    assert (prologue_launches["conv2d_fwd_prologue_kernel"] > 0) == prologue, \
+        "prologue kernel launches do not follow the switch"
