@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fused_resnet-installed
 # The dependencies pip installs before building the extension against them.
 BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy nvidia-cudnn-frontend
 
-.PHONY: bench test lint test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels clean
+.PHONY: bench test lint test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels adopt-auto-choice clean
 
 bench: build
 	$(VENV)/bin/fused-resnet bench
@@ -76,6 +76,12 @@ test-oldest: build-oldest
 GPU_CHECK ?=
 gpu-check:
 	$(PYTHON) -m fused_resnet.tools.gpu_check $(GPU_CHECK)
+
+# After a GPU run: make `auto` on that GPU follow its per-layer figures
+# (writes fused_resnet/auto_choices/<gpu>.json from RECORD/auto_choice.json).
+adopt-auto-choice:
+	test -n "$(RECORD)" || { echo "usage: make adopt-auto-choice RECORD=benchmarks/results/<run>"; exit 1; }
+	$(VPY) -m fused_resnet.tools.bench.auto_choice install $(RECORD)/auto_choice.json
 
 # Every wheel the GPU machine lacks, for its Python (3.12, manylinux x86-64),
 # into .whl/ (git-ignored), which the device call carries and gpu-check

@@ -329,15 +329,17 @@ def layer_class(mode: str, role: str, kernel_size, stride) -> str:
     return f"{mode}/{role}/{kh}x{kw}/s{sh}" + ("" if sh == sw else f"x{sw}")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+def auto_choice_path(device_name: str) -> Path:
+    """Where auto's recorded choice for this GPU lives (auto_choices/<slug of
+    the device name>.json)."""
+    return AUTO_CHOICES_DIR / (re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ".json")
 
 
 @functools.lru_cache(maxsize=8)
 def recorded_auto_choice(device_name: str) -> dict[str, str]:
     """{layer class: backend} recorded for this GPU (auto_choices/<slug>.json,
     the `classes` of a gpu-check record's auto_choice.json), {} without one."""
-    path = AUTO_CHOICES_DIR / f"{_slug(device_name)}.json"
+    path = auto_choice_path(device_name)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

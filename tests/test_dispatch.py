@@ -99,3 +99,27 @@ def test_resolve_follows_changes_after_earlier_answers():
     fused_resnet.set_backend("auto")
     assert dispatch.resolve(None, cpu) == want
 
+
+def test_a_recorded_auto_choice_is_adopted_per_gpu(tmp_path, monkeypatch):
+    import json
+
+    from fused_resnet.tools.bench import auto_choice
+
+    monkeypatch.setattr(dispatch, "AUTO_CHOICES_DIR", tmp_path / "auto_choices")
+    dispatch.recorded_auto_choice.cache_clear()
+    record = {"schema": 1, "source": {"device_name": "NVIDIA H100 80GB HBM3", "model": "resnet50"},
+              "default": "cuda", "candidates": ["cuda", "cudnn", "triton"],
+              "classes": {"train/inner/3x3/s1": {"backend": "triton"}, "inference/last/1x1/s1": {"backend": "cudnn"},
+                          "train/stem/7x7/s2": {"backend": None}, "inference/inner/1x1/s1": {"backend": "cpu"}}}
+    src = tmp_path / "auto_choice.json"
+    src.write_text(json.dumps(record))
+    written = auto_choice.install(src)
+    assert written == tmp_path / "auto_choices" / "nvidia-h100-80gb-hbm3.json"
+    # Classes without a winner, and names that are not GPU backends, are not followed.
+    assert dispatch.recorded_auto_choice("NVIDIA H100 80GB HBM3") == {
+        "train/inner/3x3/s1": "triton", "inference/last/1x1/s1": "cudnn"}
+    assert dispatch.recorded_auto_choice("NVIDIA A100-SXM4-40GB") == {}
+    src.write_text(json.dumps({"schema": 1, "classes": {}}))
+    with pytest.raises(ValueError, match="not an auto_choice.json"):
+        auto_choice.install(src)
+    dispatch.recorded_auto_choice.cache_clear()

@@ -111,10 +111,13 @@ def _resolve_common(parser: argparse.ArgumentParser, args: argparse.Namespace, w
     bf16 on CPU is allowed (oneDNN runs it, slowly without AMX)."""
     import torch
 
-    from ..nn import MODEL_BUILDERS
+    from .bench.models import ModelSpecError, eager_builder
 
-    if args.model is not None and args.model not in MODEL_BUILDERS:
-        parser.error(f"unknown model {args.model!r}; expected one of {', '.join(MODEL_BUILDERS)}")
+    if args.model is not None:
+        try:
+            eager_builder(args.model)
+        except ModelSpecError as exc:
+            parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -148,8 +151,8 @@ def _load_state_dict(parser: argparse.ArgumentParser, path: str) -> dict:
         parser.error(f"--state-dict: cannot load {path!r} ({type(exc).__name__}: {exc})")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or "fc.weight" not in obj:
-        parser.error(f"--state-dict: {path!r} does not hold a ResNet state_dict (no 'fc.weight')")
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        parser.error(f"--state-dict: {path!r} does not hold a state_dict (a dict of tensors)")
     return obj
 
 
@@ -199,6 +202,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import BenchConfig, defaults_for, failed, run_bench
 
     parser = args.parser
+    from .bench.models import is_builtin
+
+    if args.model is not None and not is_builtin(args.model) and args.layers:
+        parser.error(f"--layers: --model {args.model!r}: per-layer classes exist for fused_resnet's builders only")
     device, dtype = _resolve_common(parser, args, "bench")
     d = defaults_for(device)
     try:
@@ -263,6 +270,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from .bench.auto_choice import derive, format_choice
     from .bench.layers import EAGER, MODES, LayersConfig, format_layers, run_layers
     from .bench.runner import defaults_for
+    from .bench.models import is_builtin
+
+    if args.model is not None and not is_builtin(args.model):
+        args.parser.error(f"layers: --model {args.model!r}: the per-layer classes are a torchvision ResNet's "
+                          "(stem, inner, last, downsample); give one of fused_resnet's builders (resnet50, ...)")
 
     parser = args.parser
     device, dtype = _resolve_common(parser, args, "layers")
@@ -315,7 +327,9 @@ def _cmd_roofline(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser, batch_default, image_default) -> None:
-    p.add_argument("--model", help="a builder of fused_resnet.MODEL_BUILDERS (resnet18, resnet50, ...)")
+    p.add_argument("--model", help="resnet18, resnet50, ... (fused_resnet's builders), or any model fuse() takes: "
+                                    "torchvision:NAME, timm:NAME, package.module:function, path/file.py:function "
+                                    "(logits out); `layers` takes the builders' names only")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=batch_default)
     p.add_argument("--image-size", type=_positive("--image-size"), default=image_default)
     p.add_argument("--dtype", help="fp32 | bf16 | fp16 (fp16 is GPU only)")

@@ -25,6 +25,11 @@ candidate covers gets backend None. The file `make gpu-check` writes
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+from ... import dispatch
 from .layers import EAGER, parse_layer_class
 
 DEFAULT_BACKEND = "cuda"  # auto on CUDA until a record exists (fused_resnet/dispatch.py)
@@ -99,3 +104,26 @@ def format_choice(choice: dict) -> str:
         eager = "" if c["eager_ms"] is None else f"; eager {c['eager_ms']:.3f}"
         lines.append(f"  {key:<28} {str(c['backend']):<8} ms: {others or '-'}{eager}")
     return "\n".join(lines)
+
+
+def install(path: str | os.PathLike) -> Path:
+    """Adopt a recorded auto_choice.json (benchmarks/results/<run>/): copy it
+    to fused_resnet/auto_choices/<gpu>.json, which `auto` on CUDA reads for
+    that GPU (dispatch.recorded_auto_choice). Returns the file written."""
+    choice = json.loads(Path(path).read_text())
+    device = (choice.get("source") or {}).get("device_name")
+    if choice.get("schema") != 1 or not device or not isinstance(choice.get("classes"), dict):
+        raise ValueError(f"{path}: not an auto_choice.json (schema 1 with source.device_name and classes)")
+    target = dispatch.auto_choice_path(device)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(choice, indent=1, sort_keys=True) + "\n")
+    dispatch.recorded_auto_choice.cache_clear()
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "install":
+        raise SystemExit("usage: python -m fused_resnet.tools.bench.auto_choice install RECORD/auto_choice.json")
+    print(f"wrote {install(sys.argv[2])}")

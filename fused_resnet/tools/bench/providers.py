@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _compat
+from .models import eager_builder, fused_from
 
 FUSED_BACKENDS = ("cpu", "cuda", "cudnn", "triton")
 BASE_PROVIDERS = ("eager", "channels_last", "amp", "compile")
@@ -140,30 +141,22 @@ def fused_backend_params(device) -> list:
 
 # --- models ---------------------------------------------------------------
 
-def torchvision_builder(model: str) -> Callable[..., nn.Module]:
-    import torchvision
-
-    return getattr(torchvision.models, model)
-
-
 def reference_state_dict(model: str, seed: int = 0, num_classes: int = 1000) -> dict[str, torch.Tensor]:
-    """The weights every provider starts from: torchvision's model under `seed`."""
+    """The weights every provider starts from: the eager model (models.py)
+    built under `seed`."""
     torch.manual_seed(seed)
-    return torchvision_builder(model)(num_classes=num_classes).state_dict()
+    return eager_builder(model)(num_classes).state_dict()
 
 
 def build_model(provider: Provider, model: str, state_dict, device, dtype, channels_last: bool,
                 num_classes: int = 1000) -> nn.Module:
-    """The provider's model (not yet compiled) with the given weights."""
+    """The provider's model (not yet compiled) with the given weights: the
+    eager model for the eager providers; fused_resnet's builder, or fuse() of
+    the eager model, for the fused ones."""
+    m = eager_builder(model)(num_classes)
+    m.load_state_dict(state_dict)
     if provider.kind == "fused":
-        from ... import nn as fnn
-
-        m = fnn.MODEL_BUILDERS[model](num_classes=num_classes)
-        m.load_state_dict(state_dict)
-        m.set_backend(provider.backend)
-    else:
-        m = torchvision_builder(model)(num_classes=num_classes)
-        m.load_state_dict(state_dict)
+        m = fused_from(model, m, provider.backend, num_classes)
     # AMP keeps fp32 weights and lets autocast pick the compute dtype.
     m = m.to(device=device, dtype=torch.float32 if provider.kind == "amp" else dtype)
     if provider.kind != "eager" and channels_last:
@@ -263,7 +256,7 @@ def make_step(provider: Provider, mode: str, model_name: str, state_dict, x: tor
 def reference_logits(model_name: str, state_dict, x: torch.Tensor, mode: str, num_classes: int = 1000) -> torch.Tensor:
     """The high-precision reference: fp64 on CPU for CPU runs; fp32 with TF32
     off on the GPU for GPU runs (docs/numerics.md)."""
-    m = torchvision_builder(model_name)(num_classes=num_classes)
+    m = eager_builder(model_name)(num_classes)
     m.load_state_dict(state_dict)
     m.train(mode == "train")
     if x.device.type == "cpu":

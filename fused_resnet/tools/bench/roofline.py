@@ -109,12 +109,12 @@ def roofline(model_name: str, batch_size: int, image_size: int, dtype: torch.dty
     """The report as a dict (see format_roofline). network_images_per_s:
     measured whole-network figures (e.g. from the bench) to set against the
     bound; the eager inference figure is measured here when absent."""
-    import torchvision
+    from .models import eager_builder
 
     device_t = torch.device(device)
     mf = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)().to(device_t, dtype).eval().to(memory_format=mf)
+    model = eager_builder(model_name)(1000).to(device_t, dtype).eval().to(memory_format=mf)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device_t).to(dtype).contiguous(memory_format=mf)
     peaks = device_peaks(device_t, dtype)
     use = peaks["spec"] or peaks["measured"]
