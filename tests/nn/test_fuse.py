@@ -274,15 +274,21 @@ def test_torchvision_fcn_resnet50(monkeypatch):
     assert len(report.converted) == 16 and any(w.startswith("classifier") for w, _, _ in report.fused), report
 
 
-def test_torchvision_fasterrcnn_backbone(monkeypatch):
+@pytest.mark.parametrize("frozen", [False, True], ids=["batchnorm", "frozen-batchnorm"])
+def test_torchvision_fasterrcnn_backbone(monkeypatch, frozen):
     import torchvision
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     def make():
+        if frozen:  # what detection fine-tuning uses: BN frozen, the rest training
+            return resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
+                                       norm_layer=torchvision.ops.FrozenBatchNorm2d)
+        # Without pretrained weights torchvision builds the body with nn.BatchNorm2d.
         return torchvision.models.detection.fasterrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, num_classes=3, trainable_backbone_layers=5).backbone
 
-    _, report = check_fused_model(make, X, monkeypatch, what="fasterrcnn backbone")
-    # FrozenBatchNorm2d throughout the body; the FPN has no BatchNorm.
+    _, report = check_fused_model(make, X, monkeypatch, what=f"fasterrcnn backbone frozen={frozen}")
+    # The body's 16 bottlenecks take convert()'s path; the FPN has no BatchNorm.
     assert len(report.converted) == 16, report
 
 
