@@ -36,27 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import dispatch
 from . import environment
 from .budget import DTYPES, Budget
 from .timing import time_steps
 
-ROLES = ("stem", "inner", "last", "downsample")
-MODES = ("inference", "train")
+# The layer classes are dispatch's (auto on CUDA reads them per class).
+ROLES, MODES, layer_class = dispatch.ROLES, dispatch.MODES, dispatch.layer_class
 EAGER = "eager"  # the baseline: torch modules (conv, BatchNorm2d, add, ReLU), same dtype and layout
 CLASS_DEFINITION = ("<mode>/<role>/<kh>x<kw>/s<stride>; mode inference|train; role stem (first conv+BN+ReLU), "
                     "inner (conv+BN+ReLU inside a block), last (block's conv+BN+residual add+ReLU), "
                     "downsample (projection shortcut conv+BN)")
-
-
-def layer_class(mode: str, role: str, kernel, stride) -> str:
-    """The stable key of a layer class (module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"layer_class: `mode` must be one of {', '.join(MODES)}, got {mode!r}")
-    if role not in ROLES:
-        raise ValueError(f"layer_class: `role` must be one of {', '.join(ROLES)}, got {role!r}")
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    return f"{mode}/{role}/{kh}x{kw}/s{sh}" + ("" if sh == sw else f"x{sw}")
 
 
 def parse_layer_class(key: str) -> dict:
@@ -240,8 +230,6 @@ def _unit_step(u: Unit, mode: str, backend: str, device, dtype, channels_last: b
 
 def backend_status(backend: str, device) -> str | None:
     """Why `backend` cannot be timed on `device`, or None."""
-    from ... import dispatch
-
     if backend == EAGER:
         return None
     av = dispatch.availability()
