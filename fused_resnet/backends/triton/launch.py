@@ -363,28 +363,17 @@ def conv2d_bn_act(x, weight, scale, shift, residual, relu, stride, padding, dila
                     HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
                     RELU=bool(relu), EMIT_STATS=bool(emit_stats), INPUT_PRECISION=precision,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta())
+        # By keyword: the kernels' parameter names (conv2d_fwd.py) say what each is.
+        args = dict(x_ptr=xc, w_ptr=wp, y_ptr=y, scale_ptr=sc, shift_ptr=sf, res_ptr=rs, psum_ptr=ps, psumsq_ptr=pq,
+                    M=m, H=h, W=w, C_in=c_in, OH=oh, OW=ow, C_out=c_out, CIN_G=cin_g, COUT_G=cout_g,
+                    stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw, dil_h=dh, dil_w=dw)
         if shortcut:
-            conv2d_fwd_shortcut_kernel[grid](
-                xc, wp, y, sc, sf, rs, ps, pq, x2c, w2p,
-                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
-                sh, sw, ph, pw, dh, dw,
-                h2, w2, c2, s2h, s2w,
-                **meta,
-            )
+            conv2d_fwd_shortcut_kernel[grid](**args, x2_ptr=x2c, w2_ptr=w2p, H2=h2, W2=w2, C2=c2, stride2_h=s2h,
+                                             stride2_w=s2w, **meta)
         elif prologue:
-            conv2d_fwd_prologue_kernel[grid](
-                xc, wp, y, sc, sf, rs, ps, pq, psc, psh,
-                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
-                sh, sw, ph, pw, dh, dw,
-                **meta,
-            )
+            conv2d_fwd_prologue_kernel[grid](**args, pre_scale_ptr=psc, pre_shift_ptr=psh, **meta)
         else:
-            conv2d_fwd_kernel[grid](
-                xc, wp, y, sc, sf, rs, ps, pq,
-                m, h, w, c_in, oh, ow, c_out, cin_g, cout_g,
-                sh, sw, ph, pw, dh, dw,
-                **meta,
-            )
+            conv2d_fwd_kernel[grid](**args, **meta)
 
     if config is None:
         epilogue = ("stats" if emit_stats else "") + ("res" if residual is not None else "") or "plain"
@@ -456,10 +445,12 @@ def conv2d_dgrad_prologue(dz, weight, x_prev, pre_scale, pre_shift, padding, dil
             bufs.update(tiles=num_m_tiles, s=torch.empty((num_m_tiles, c_in), dtype=torch.float32, device=dev),
                         q=torch.empty((num_m_tiles, c_in), dtype=torch.float32, device=dev))
         grid = (num_m_tiles * triton.cdiv(cin_g, cfg.block_n), groups)
+        # dz is the conv's input here: its size and channels are H, W, C_in.
         conv2d_dgrad_prologue_kernel[grid](
-            dzc, wp, dx, xpc, psc, psh, bufs["s"], bufs["q"],
-            m, oh, ow, c_out, h, w, c_in, c_out // groups, cin_g,
-            qh, qw, dh, dw,
+            dz_ptr=dzc, w_ptr=wp, dx_ptr=dx, x_prev_ptr=xpc, pre_scale_ptr=psc, pre_shift_ptr=psh,
+            psum_ptr=bufs["s"], psumsq_ptr=bufs["q"],
+            M=m, H=oh, W=ow, C_in=c_out, OH=h, OW=w, C_out=c_in, CIN_G=c_out // groups, COUT_G=cin_g,
+            pad_h=qh, pad_w=qw, dil_h=dh, dil_w=dw,
             KH=kh, KW=kw, MODE=mode, INPUT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
         )
