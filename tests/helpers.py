@@ -7,6 +7,8 @@ with identical weights, comparisons under the numerics criterion
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,15 @@ def count_kernel_launches(monkeypatch, *names: str) -> dict[str, int]:
     for name in names:
         monkeypatch.setattr(launch, name, Spy(getattr(launch, name), name))
     return counts
+
+
+def find_ptxas() -> str | None:
+    """The ptxas the ahead-of-time compile tests run: $CUDA_HOME's, the one
+    on PATH, else the one Triton ships; None without any."""
+    import triton
+
+    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"), shutil.which("ptxas"),
+                 os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None

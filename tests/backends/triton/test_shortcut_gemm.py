@@ -26,8 +26,7 @@ import fused_resnet
 from fused_resnet import config, numerics
 from fused_resnet.nn.paths import units
 from fused_resnet.ops import conv2d_bias_act_shortcut, reference
-from helpers import randomise_bn
-from helpers import count_kernel_launches
+from helpers import count_kernel_launches, find_ptxas, randomise_bn
 
 from interpreter import IN_INTERPRETER  # noqa: E402
 
@@ -450,17 +449,6 @@ _CONSTEXPRS = ("KH KW MODE HAS_SCALE HAS_SHIFT HAS_RESIDUAL RELU EMIT_STATS INPU
 _DIVISIBLE = set(_PTR_ARGS) | {"C_in", "C_out", "CIN_G", "COUT_G", "C2"}
 
 
-def _ptxas() -> str | None:
-    import shutil
-
-    import triton
-
-    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"), shutil.which("ptxas"),
-                 os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
-
 
 def _aot_jobs(arch: int) -> list[dict]:
     """Every config the launcher can pick on `arch`, with the heaviest
@@ -525,7 +513,7 @@ def aot_results():
     """Compile every job of both archs in one pool of spawned workers (fork
     after torch is loaded is unsafe; each worker's start costs an import)."""
     pytest.importorskip("triton")
-    ptxas = _ptxas()
+    ptxas = find_ptxas()
     if ptxas is None:
         pytest.skip("ptxas not found (CUDA_HOME/bin, PATH, or triton's bundled copy)")
     jobs = [dict(j, ptxas=ptxas) for arch in sorted(ARCHS) for j in _aot_jobs(arch)]

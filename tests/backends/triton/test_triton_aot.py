@@ -26,7 +26,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from fused_resnet.backends.triton import conv_configs  # noqa: E402
+from helpers import find_ptxas  # noqa: E402
 
 # Per-block shared memory limits (opt-in maximum): A100 163 KB, H100 227 KB.
 ARCHS = {80: ("sm_80", 163 * 1024), 90: ("sm_90a", 227 * 1024)}
@@ -48,13 +48,6 @@ _CONSTEXPRS = ("KH KW MODE HAS_SCALE HAS_SHIFT HAS_RESIDUAL RELU EMIT_STATS INPU
                "BLOCK_M BLOCK_N BLOCK_K GROUP_M").split()
 _DIVISIBLE = set(_PTR_ARGS) | {"C_in", "C_out", "CIN_G", "COUT_G"}
 
-
-def _ptxas() -> str | None:
-    for cand in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"), shutil.which("ptxas"),
-                 os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
 
 
 def _jobs(arch: int) -> list[dict]:
@@ -117,7 +110,7 @@ def _compile_one(job: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_config_compiles_without_spills(arch):
-    ptxas = _ptxas()
+    ptxas = find_ptxas()
     if ptxas is None:
         pytest.skip("ptxas not found (CUDA_HOME/bin, PATH, or triton's bundled copy)")
     jobs = [dict(j, ptxas=ptxas) for j in _jobs(arch)]
