@@ -8,13 +8,19 @@ STAMP  := $(VENV)/.fused_resnet-installed
 # The dependencies pip installs before building the extension against them.
 BUILD_DEPS := "torch>=2.11" "torchvision>=0.26" ninja pybind11 "setuptools>=64" wheel numpy nvidia-cudnn-frontend
 
-.PHONY: bench test lint test-oldest build build-oldest setup setup-oldest info verify gpu-check gpu-call gpu-wheels adopt-auto-choice clean
+.PHONY: bench test lint test-oldest build build-oldest setup setup-oldest info verify fuzz gpu-check gpu-call gpu-wheels adopt-auto-choice clean
 
 bench: build
 	$(VENV)/bin/fused-resnet bench
 
 test: build lint
 	$(VPY) -m pytest tests -q
+
+# The property tests in discovery mode (tests/helpers.py fuzz_settings):
+# fresh examples, many of them; failures land in tests/.hypothesis-db.
+FUZZ_EXAMPLES ?= 2000
+fuzz: build
+	env -u CI FUSED_RESNET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q tests/ops/test_fuzz_ops.py tests/nn/test_fuzz_blocks.py -m "not interpreter"
 
 # pyflakes and pycodestyle errors, as configured in pyproject.toml.
 lint: setup

@@ -29,6 +29,28 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 MIN_BN_VALUES = numerics.MIN_BATCH_STATS_VALUES
 
 
+def fuzz_settings(name: str, examples: int):
+    """The Hypothesis settings of a property-test module, in two modes.
+
+    Gate (CI set, as .ci/run sets it): derandomised, so a clean clone tries
+    the same examples on every run and CI's verdict depends on the code
+    alone; no example database. Discovery (everywhere else, and `make fuzz`
+    with many examples): fresh examples on each run, failures kept in
+    tests/.hypothesis-db and replayed until they pass. A failure worth
+    keeping for good becomes an @example on the test (see that folder's
+    README)."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    gate = bool(os.environ.get("CI"))
+    settings.register_profile(
+        name, max_examples=examples, deadline=None, derandomize=gate, print_blob=True,
+        database=None if gate else DirectoryBasedExampleDatabase(str(TESTS / ".hypothesis-db")),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    return settings.get_profile(name)
+
+
 def randomise_bn(model: torch.nn.Module) -> None:
     # Non-trivial BN parameters and running stats, so a wrong fold or a
     # dropped affine shows up in the outputs.

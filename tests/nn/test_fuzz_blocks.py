@@ -16,7 +16,8 @@ examples have at least 16 values per channel, and fp32 ones at least 32 and
 
 Backend "cpu" runs here; backend "triton" runs through Triton's interpreter
 (the `interpreter` marker: tests/interpreter.py), fp32, tiny sizes, a few
-examples. Failures are kept in tests/.hypothesis-db and replayed.
+examples. Failures are kept in tests/.hypothesis-db and replayed; CI runs a
+fixed set (helpers.fuzz_settings).
 FUSED_RESNET_FUZZ_EXAMPLES=<n> runs n examples per CPU test (default 15) and
 n // 5 (at least 3) in the interpreter; FUSED_RESNET_FUZZ_TRITON_EXAMPLES sets
 the latter alone.
@@ -30,24 +31,18 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.database import DirectoryBasedExampleDatabase
 
 import fused_resnet
 from fused_resnet import numerics
 from fused_resnet.nn.paths import units
-from helpers import MIN_BN_VALUES, TESTS
+from helpers import MIN_BN_VALUES, fuzz_settings
 
-DB = DirectoryBasedExampleDatabase(str(TESTS / ".hypothesis-db"))
 _ENV = os.environ.get("FUSED_RESNET_FUZZ_EXAMPLES")
 EXAMPLES = int(_ENV or "15")
 TRITON_EXAMPLES = int(os.environ.get("FUSED_RESNET_FUZZ_TRITON_EXAMPLES") or (max(3, EXAMPLES // 5) if _ENV else 3))
-settings.register_profile(
-    "fused_resnet_fuzz_blocks", database=DB, max_examples=EXAMPLES, deadline=None, derandomize=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-FUZZ = settings.get_profile("fused_resnet_fuzz_blocks")
+FUZZ = fuzz_settings("fused_resnet_fuzz_blocks", EXAMPLES)
 
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
 
