@@ -65,6 +65,25 @@ def test_builtin_name_builds_torchvision_and_fused_resnet_models():
         assert torch.equal(a, b)
 
 
+def test_fused_model_builds_a_builtin_without_the_eager_model(monkeypatch):
+    sd = models.eager_builder("resnet18")(10).state_dict()
+
+    def no_eager(spec):
+        raise AssertionError(f"built the eager {spec} for a builtin name")
+
+    monkeypatch.setattr(models, "eager_builder", no_eager)
+    fused = models.fused_model("resnet18", sd, "cpu", 10)
+    assert isinstance(fused, fused_resnet.ResNet) and fused.backend == "cpu"
+    assert all(torch.equal(sd[k], v) for k, v in fused.state_dict().items())
+
+
+def test_fused_model_of_a_spec_fuses_its_eager_model(d2l_file):
+    sd = models.eager_builder(f"{d2l_file}:tiny_resnet")(4).state_dict()
+    fused = models.fused_model(f"{d2l_file}:tiny_resnet", sd, None, 4)
+    assert _fused_units(fused) >= 3
+    assert all(torch.equal(sd[k], v) for k, v in fused.state_dict().items())
+
+
 def test_torchvision_and_timm_specs_go_through_fuse():
     eager = models.eager_builder("torchvision:resnet18")(7)
     assert eager.fc.out_features == 7

@@ -113,18 +113,31 @@ def eager_builder(spec: str) -> Callable[[int], nn.Module]:
     return lambda num_classes: _call(fn, num_classes, spec)
 
 
-def fused_from(spec: str, eager: nn.Module, backend: str | None, num_classes: int) -> nn.Module:
-    """The fused counterpart of `eager` (same weights): fused_resnet's own
-    builder for a builtin name, else fuse() on a copy."""
+def fused_model(spec: str, state_dict: dict, backend: str | None, num_classes: int) -> nn.Module:
+    """The fused model of `spec` holding `state_dict`: fused_resnet's own
+    builder for a builtin name (no eager model built), else fuse() of the
+    eager model."""
     import fused_resnet
 
     if is_builtin(spec):
         from ...nn import MODEL_BUILDERS
 
         model = MODEL_BUILDERS[spec](num_classes=num_classes)
-        model.load_state_dict(eager.state_dict())
+        model.load_state_dict(state_dict)
         model.set_backend(backend)
         return model
+    model = eager_builder(spec)(num_classes)
+    model.load_state_dict(state_dict)
+    return fused_resnet.fuse(model, backend=backend)
+
+
+def fused_from(spec: str, eager: nn.Module, backend: str | None, num_classes: int) -> nn.Module:
+    """The fused counterpart of `eager` (same weights, `eager` untouched):
+    fused_resnet's own builder for a builtin name, else fuse() on a copy."""
+    import fused_resnet
+
+    if is_builtin(spec):
+        return fused_model(spec, eager.state_dict(), backend, num_classes)
     return fused_resnet.fuse(copy.deepcopy(eager), backend=backend)
 
 

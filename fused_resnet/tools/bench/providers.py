@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _compat
-from .models import eager_builder, fused_from
+from .models import eager_builder, fused_model
 
 FUSED_BACKENDS = ("cpu", "cuda", "cudnn", "triton")
 BASE_PROVIDERS = ("eager", "channels_last", "amp", "compile")
@@ -153,10 +153,11 @@ def build_model(provider: Provider, model: str, state_dict, device, dtype, chann
     """The provider's model (not yet compiled) with the given weights: the
     eager model for the eager providers; fused_resnet's builder, or fuse() of
     the eager model, for the fused ones."""
-    m = eager_builder(model)(num_classes)
-    m.load_state_dict(state_dict)
     if provider.kind == "fused":
-        m = fused_from(model, m, provider.backend, num_classes)
+        m = fused_model(model, state_dict, provider.backend, num_classes)
+    else:
+        m = eager_builder(model)(num_classes)
+        m.load_state_dict(state_dict)
     # AMP keeps fp32 weights and lets autocast pick the compute dtype.
     m = m.to(device=device, dtype=torch.float32 if provider.kind == "amp" else dtype)
     if provider.kind != "eager" and channels_last:
