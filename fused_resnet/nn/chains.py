@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import dispatch, ops
+from .. import _compat, dispatch, ops
 from ..backends import bn_modules
 from . import paths
 
@@ -44,8 +44,10 @@ def fusable_bn(bn: nn.Module) -> bool:
 
 
 def run_unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual, relu: bool, prologue: nn.Module | None,
-             backend: str | None) -> torch.Tensor:
-    """relu?(bn(conv(prologue(x))) [+ residual]), prologue = BN + ReLU."""
+             backend: str | None, residual_owned: bool = False) -> torch.Tensor:
+    """relu?(bn(conv(prologue(x))) [+ residual]), prologue = BN + ReLU.
+    residual_owned: the residual is a fresh tensor nobody reads after this
+    call, so an inference unit may write its result over it."""
     if dispatch.runs_eager(backend, x.device) or not (fusable_bn(bn) and bn_modules.is_plain_conv(conv)):
         if prologue is not None:
             x = run_bn_act(prologue, x, None, True, backend)
@@ -60,7 +62,10 @@ def run_unit(conv: nn.Module, bn: nn.Module, x: torch.Tensor, residual, relu: bo
         x = run_bn_act(prologue, x, None, True, backend)
     if residual is not None and not _residual_fits(residual, _conv_out_shape(conv, x)):
         return _eager_tail(paths.units.unit(conv, bn, x, None, False, chosen), residual, relu)
-    return paths.units.unit(conv, bn, x, residual, relu, chosen)
+    # A global forward hook may hold a module's output: the residual then
+    # has a reader the graph does not show.
+    owned = residual_owned and not _compat.global_forward_hooks_registered()
+    return paths.units.unit(conv, bn, x, residual, relu, chosen, residual_owned=owned)
 
 
 def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> torch.Size:

@@ -6,9 +6,11 @@ ResNets convert() knows.
 
 How: torchvision's and timm's ResNet blocks take convert()'s fast path
 first. Then every other module's own forward is traced with torch.fx, its
-child modules as opaque calls (a module that does not trace, e.g. one with
-data-dependent control flow, is left as it is, and its children are still
-visited: the per-submodule fallback). In that graph:
+child modules as opaque calls, except plain nn.Sequentials without hooks,
+which are traced through so that a chain may cross their boundary (a module
+that does not trace, e.g. one with data-dependent control flow, is left as
+it is, and its children are still visited: the per-submodule fallback). In
+that graph:
 
   conv -> BN [-> + residual] [-> ReLU]   becomes one fused unit
                                           (nn/paths/units.py: BN folded in
@@ -34,9 +36,10 @@ is swapped for a subclass whose forward is the rewritten graph (one per
 train/eval mode when the forward reads self.training), generated as Python
 code that looks the children up by name at call time, so
 convert_sync_batchnorm() after fuse() and a later `model.layer = ...` are
-seen. Like torch.fx, the rewrite specialises a forward to its module's plain
-attributes (flags, sizes) at fuse time: call fuse() again after changing
-them. Fused modules pickle (the generated code travels with them), deep-copy,
+seen (a Sequential traced through is looked up by its children's paths:
+replacing it by one of another structure needs fuse() again). Like torch.fx,
+the rewrite specialises a forward to its module's plain attributes (flags,
+sizes) at fuse time: call fuse() again after changing them. Fused modules pickle (the generated code travels with them), deep-copy,
 run under torch.compile(fullgraph=True) and torch.export, DDP and synchronised
 BatchNorm; torch.jit.script does not compile them (use torch.export).
 """
@@ -238,9 +241,19 @@ def _rewrite(g: _Graph, backend_attr: str) -> int:
             if user in by_conv and user.args and user.args[0] is tail:
                 prologue_of[user] = (bn_node, nodes)
     backend_node = None
+    # A chain's tail replaced by its fused call: a later chain's residual may
+    # be that tail (x = relu(bn1(conv1(x))); relu(bn2(conv2(x)) + x)).
+    replaced = {}
+    # Residuals a unit may overwrite with its result (oneDNN's sum post-op in
+    # inference; the backend decides): fresh tensors, made in this forward
+    # by a fused chain or a plain conv, whose only reader is the add.
+    tails = {c[5] for c in chains}
     for conv_node, bn_node, residual, relu, nodes, tail in chains:
         if conv_node is None and any(bn_node is p[0] for p in prologue_of.values()):
             continue  # merged into its unit below
+        fresh = isinstance(residual, torch.fx.Node) and (residual in tails or g.conv(residual) is not None)
+        residual = replaced.get(residual, residual)
+        owned = fresh and len(residual.users) == 1
         with graph.inserting_before(tail):
             if backend_node is None:
                 backend_node = graph.get_attr(backend_attr)
@@ -256,11 +269,12 @@ def _rewrite(g: _Graph, backend_attr: str) -> int:
                 if pro is not None:
                     pro_ref = graph.get_attr(pro[0].target)
                     x = pro[0].args[0]
-                new = graph.call_function(run_unit, (conv_ref, bn_ref, x, residual, relu, pro_ref, backend_node))
+                new = graph.call_function(run_unit, (conv_ref, bn_ref, x, residual, relu, pro_ref, backend_node, owned))
                 pattern = ("bn+relu->" if pro is not None else "") + "conv+bn" + \
                     ("+add" if residual is not None else "") + ("+relu" if relu else "")
                 mods = ((pro[0].target,) if pro is not None else ()) + (conv_node.target, bn_node.target)
         tail.replace_all_uses_with(new)
+        replaced[tail] = new
         for n in reversed(nodes):
             graph.erase_node(n)
         if conv_node is not None and conv_node in prologue_of:
@@ -290,31 +304,47 @@ def _rewrite(g: _Graph, backend_attr: str) -> int:
 # ------------------------------------------------------------------ tracing
 
 
+def _inlinable(m: nn.Module) -> bool:
+    """A plain nn.Sequential without hooks: its forward only chains its
+    children, so tracing through it changes nothing but lets a chain cross
+    its boundary (a deep stem's last conv inside a Sequential, its BN and
+    ReLU in the parent; conv + BN in a Sequential, the add in the parent)."""
+    return type(m) is nn.Sequential and not _has_hooks(m)
+
+
 class _OwnForwardTracer(torch.fx.Tracer):
     """Traces one module's own forward: every submodule call stays one node,
-    and buffers are proxies too, so an in-place update in the forward (a
-    BatchNorm's num_batches_tracked += 1) is recorded, not run."""
+    except plain Sequentials, which are traced through (their children
+    become nodes; `inlined` names them). Buffers are proxies too, so an
+    in-place update in the forward (a BatchNorm's num_batches_tracked += 1)
+    is recorded, not run."""
 
     def __init__(self):
         super().__init__()
         self.proxy_buffer_attributes = True
+        self.inlined: set[str] = set()
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if _inlinable(m):
+            self.inlined.add(qualified_name)
+            return False
         return True
 
 
-def _trace(module: nn.Module) -> torch.fx.Graph:
-    return _OwnForwardTracer().trace(module)
-
-
 _BACKEND_ATTR = "_fused_resnet_backend"
+# The Sequentials a fused module's forward traces through (paths relative to
+# it): a second fuse() leaves them to that forward.
+_INLINED_ATTR = "_fused_resnet_inlined"
 
 
-def _trace_in_mode(module: nn.Module, training: bool) -> torch.fx.Graph:
+def _trace_in_mode(module: nn.Module, training: bool) -> tuple[torch.fx.Graph, set[str]]:
+    """The graph of module's forward in one mode, and the Sequentials traced
+    through (names relative to module)."""
     was = module.training
     module.training = training  # this module only: its children are opaque calls
     try:
-        return _trace(module)
+        tracer = _OwnForwardTracer()
+        return tracer.trace(module), tracer.inlined
     finally:
         module.training = was
 
@@ -452,18 +482,22 @@ def fuse(model: nn.Module, backend: str | None = None, example_input=None) -> nn
     fast = [name for name, m in model.named_modules() if isinstance(m, _fast_path_types())]
     report.converted = [name or "(root)" for name, m in model.named_modules()
                         if isinstance(m, _fast_path_types()) and id(m) not in before]
+    inlined: set[str] = set()  # Sequentials that a fused parent's forward traces through
     for name, module in list(model.named_modules()):
         if any(name.startswith(f"{f}.") or (f == "" and name) for f in fast):
             continue  # inside a block convert() fused: its own paths run it
+        if name in inlined:
+            continue  # its chains are fused in the parent's graph
         if isinstance(module, _FusedModule):
             module.__dict__[_BACKEND_ATTR] = backend  # fused before: a new backend choice
+            inlined.update(f"{name}.{n}" if name else n for n in module.__dict__.get(_INLINED_ATTR, ()))
             report.fused.append((name, "fused earlier (backend updated)", ()))
             continue
         if _no_own_graph(module):
             continue
         prefix = f"{name}." if name else ""
         try:
-            g_eval, g_train = _trace_in_mode(module, False), _trace_in_mode(module, True)
+            (g_eval, in_eval), (g_train, in_train) = _trace_in_mode(module, False), _trace_in_mode(module, True)
         except Exception as exc:  # noqa: BLE001 - any module that does not trace keeps its own forward
             report.left_alone.append((name, f"{type(module).__name__} does not trace with torch.fx "
                                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
@@ -480,6 +514,8 @@ def fuse(model: nn.Module, backend: str | None = None, example_input=None) -> nn
         module.__dict__["_fused_resnet_forward"] = forwards
         module.__dict__[_BACKEND_ATTR] = backend
         swapped.swap_class(module, _FusedModule)
+        module.__dict__[_INLINED_ATTR] = sorted(in_eval | in_train)
+        inlined.update(prefix + n for n in in_eval | in_train)
     _reports[model] = report
     log.info("%s", report)
     if reference is not None:

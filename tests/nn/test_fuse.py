@@ -245,6 +245,116 @@ def test_block_styles(monkeypatch, block, channels_last):
         assert "conv+bn" in patterns and "conv+bn+relu" in patterns, report
 
 
+class DeepStemNet(nn.Module):
+    """Chains across a Sequential's boundary: a deep stem whose last conv is
+    inside a Sequential with its BN and ReLU in the parent (timm's ResNet-D
+    layout), and a residual main path Sequential(conv, BN, ReLU, conv, BN)
+    whose add and ReLU are in the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU(inplace=True)
+        self.main = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.stem(x)))
+        return self.head(F.relu(self.main(x) + x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_chains_cross_sequential_boundaries(monkeypatch, channels_last):
+    fused, report = check_fused_model(DeepStemNet, torch.randn(4, 3, 8, 8), monkeypatch, channels_last,
+                                      "deep stem", expect_fused=4)
+    assert sorted((p, m) for _, p, m in report.fused) == [
+        ("conv+bn+add+relu", ("main.3", "main.4")), ("conv+bn+relu", ("main.0", "main.1")),
+        ("conv+bn+relu", ("stem.0", "stem.1")), ("conv+bn+relu", ("stem.3", "bn1"))], report
+    assert {w for w, _, _ in report.fused} == {""}, report  # all in the root's forward
+    # The Sequentials keep their own forward: they run only through the root's.
+    assert type(fused.stem) is nn.Sequential and type(fused.main) is nn.Sequential
+    # A second fuse() leaves them to the root's forward.
+    fused_resnet.fuse(fused, backend="reference")
+    again = fused_resnet.fuse_report(fused)
+    assert [(w, p) for w, p, _ in again.fused] == [("", "fused earlier (backend updated)")], again
+
+
+class ChainedResidual(nn.Module):
+    """The residual is the output of another fused chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(x)) + x)
+
+
+def test_a_residual_that_is_another_chains_output(monkeypatch):
+    _, report = check_fused_model(ChainedResidual, torch.randn(4, 3, 8, 8), monkeypatch, what="chained residual",
+                                  expect_fused=2)
+    assert [p for _, p, _ in report.fused] == ["conv+bn+relu", "conv+bn+add+relu"], report
+
+
+@pytest.mark.parametrize("make, in_place", [
+    (d2l_resnet18, 3),  # the stride-2 blocks' 1x1-conv shortcuts
+    (lambda: small_net(KerasBlock), 2),  # the projection conv + BN shortcuts
+    (DeepStemNet, 0),  # the residual is also the main path's input
+    (ChainedResidual, 0),  # the same
+], ids=["d2l", "keras", "deep-stem", "chained"])
+def test_inference_overwrites_only_residuals_nobody_reads(monkeypatch, make, in_place):
+    """Under no_grad, a unit writes its result over a residual made in the
+    same forward by a fused chain or a plain conv whose only reader is the
+    add (oneDNN's sum post-op), and over nothing else; a global forward hook
+    (which may hold a conv's output) turns that off."""
+    from fused_resnet import _compat
+
+    if not _compat.mkldnn_inplace_binary_available():
+        pytest.skip("this torch has no in-place oneDNN conv + add")
+    torch.manual_seed(0)
+    eager = make().eval()
+    randomise_bn(eager)
+    ref = copy.deepcopy(eager).double()
+    fused = fused_resnet.fuse(copy.deepcopy(eager), backend="cpu")
+    calls = []
+    real = _compat.mkldnn_conv_add_
+    monkeypatch.setattr(_compat, "mkldnn_conv_add_", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 3, 64, 64)  # no 1x1 outputs: _compat's 1x1 shim itself writes in place
+    x_before = x.clone()
+    with torch.no_grad():
+        yf, ye, yr = fused(x), eager(x), ref(x.double())
+        numerics.assert_close_to_reference(yf, ye, yr, what="inference output")
+        assert torch.equal(x, x_before)
+        assert len(calls) == in_place
+        calls.clear()
+        held = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: held.append(o))
+        try:
+            numerics.assert_close_to_reference(fused(x), ye, yr, what="inference output, global hook")
+        finally:
+            handle.remove()
+        assert calls == []
+
+
+def test_a_hooked_sequential_is_not_traced_through():
+    net = DeepStemNet()
+    seen = []
+    net.stem.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused_resnet.fuse(net)
+    report = fused_resnet.fuse_report(net)
+    # The stem's last conv stays the stem's output (the hook sees it); the
+    # stem's own conv+bn+relu is fused in its own forward.
+    assert ("stem", "conv+bn+relu", ("stem.0", "stem.1")) in report.fused, report
+    assert ("", "bn+relu", ("bn1",)) in report.fused, report
+    net.eval()(torch.randn(2, 3, 8, 8))
+    assert seen == [torch.Size([2, 8, 8, 8])]
+
+
 def test_unet_encoder(monkeypatch):
     _, report = check_fused_model(unet_encoder, torch.randn(4, 3, 16, 16), monkeypatch, what="unet encoder",
                                   expect_fused=6)
