@@ -39,8 +39,9 @@ convert_sync_batchnorm() after fuse() and a later `model.layer = ...` are
 seen (a Sequential traced through is looked up by its children's paths:
 replacing it by one of another structure needs fuse() again). Like torch.fx,
 the rewrite specialises a forward to its module's plain attributes (flags,
-sizes) at fuse time: call fuse() again after changing them. Fused modules pickle (the generated code travels with them), deep-copy,
-run under torch.compile(fullgraph=True) and torch.export, DDP and synchronised
+sizes) at fuse time: call fuse() again after changing them. Fused modules
+pickle (the generated code travels with them), deep-copy, run under
+torch.compile(fullgraph=True) and torch.export, DDP and synchronised
 BatchNorm; torch.jit.script does not compile them (use torch.export).
 """
 
@@ -247,7 +248,7 @@ def _rewrite(g: _Graph, backend_attr: str) -> int:
     # Residuals a unit may overwrite with its result (oneDNN's sum post-op in
     # inference; the backend decides): fresh tensors, made in this forward
     # by a fused chain or a plain conv, whose only reader is the add.
-    tails = {c[5] for c in chains}
+    tails = {tail for *_, tail in chains}
     for conv_node, bn_node, residual, relu, nodes, tail in chains:
         if conv_node is None and any(bn_node is p[0] for p in prologue_of.values()):
             continue  # merged into its unit below
@@ -341,7 +342,7 @@ def _trace_in_mode(module: nn.Module, training: bool) -> tuple[torch.fx.Graph, s
     """The graph of module's forward in one mode, and the Sequentials traced
     through (names relative to module)."""
     was = module.training
-    module.training = training  # this module only: its children are opaque calls
+    module.training = training  # this module only: a Sequential traced through reads no flag
     try:
         tracer = _OwnForwardTracer()
         return tracer.trace(module), tracer.inlined
@@ -488,14 +489,14 @@ def fuse(model: nn.Module, backend: str | None = None, example_input=None) -> nn
             continue  # inside a block convert() fused: its own paths run it
         if name in inlined:
             continue  # its chains are fused in the parent's graph
+        prefix = f"{name}." if name else ""
         if isinstance(module, _FusedModule):
             module.__dict__[_BACKEND_ATTR] = backend  # fused before: a new backend choice
-            inlined.update(f"{name}.{n}" if name else n for n in module.__dict__.get(_INLINED_ATTR, ()))
+            inlined.update(prefix + n for n in module.__dict__.get(_INLINED_ATTR, ()))
             report.fused.append((name, "fused earlier (backend updated)", ()))
             continue
         if _no_own_graph(module):
             continue
-        prefix = f"{name}." if name else ""
         try:
             (g_eval, in_eval), (g_train, in_train) = _trace_in_mode(module, False), _trace_in_mode(module, True)
         except Exception as exc:  # noqa: BLE001 - any module that does not trace keeps its own forward
@@ -515,7 +516,7 @@ def fuse(model: nn.Module, backend: str | None = None, example_input=None) -> nn
         module.__dict__[_BACKEND_ATTR] = backend
         swapped.swap_class(module, _FusedModule)
         module.__dict__[_INLINED_ATTR] = sorted(in_eval | in_train)
-        inlined.update(prefix + n for n in in_eval | in_train)
+        inlined.update(prefix + n for n in module.__dict__[_INLINED_ATTR])
     _reports[model] = report
     log.info("%s", report)
     if reference is not None:
